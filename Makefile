@@ -1,0 +1,44 @@
+# Two commands: `make up` serves the demo models; `make test` runs the whole suite.
+# Both create .venv, install pinned dependencies (constraints.txt; torch pinned to the
+# 2.13.0 CPU wheel) and build the demo model artifacts when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODELS_STAMP := models/.built
+
+.PHONY: up test install models redis lint fmt clean bench
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "[make] creating $(VENV) and installing pinned dependencies (first run takes minutes)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt 'torch==2.13.0'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+# Demo models are trained here from bundled/seeded data; build.py skips those present.
+models: install
+	$(BIN)/python -m models.build
+
+redis: install
+	$(BIN)/serving redis ensure
+
+up: models redis
+	$(BIN)/serving up
+
+test: models
+	$(BIN)/python -m pytest -q -ra tests
+
+lint: install
+	$(BIN)/ruff check serving tests loadtests models
+	$(BIN)/mypy serving
+
+fmt: install
+	$(BIN)/ruff format serving tests loadtests models
+
+clean:
+	rm -rf $(VENV) models/fraud models/digits .pytest_cache .mypy_cache .ruff_cache

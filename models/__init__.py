@@ -1,0 +1,1 @@
+"""Demo models for the serving gateway: seeded training scripts and their builder."""

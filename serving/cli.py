@@ -1,0 +1,330 @@
+"""`serving` command line: up, predict, models, config, redis."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+from urllib.parse import urlparse
+
+import httpx
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from serving.errors import ConfigError
+from serving.settings import Settings, load_deployment
+
+app = typer.Typer(help="Low-latency model serving gateway.", no_args_is_help=True)
+models_app = typer.Typer(help="Inspect and tune served models.", no_args_is_help=True)
+config_app = typer.Typer(help="Deployment configuration.", no_args_is_help=True)
+redis_app = typer.Typer(help="Redis helpers.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+app.add_typer(redis_app, name="redis")
+
+console = Console()
+err = Console(stderr=True)
+
+UrlOpt = Annotated[str | None, typer.Option("--url", help="Gateway URL (default from settings).")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Deployment YAML (default deployments/local.yaml)."),
+]
+
+
+def _settings(config: Path | None = None) -> Settings:
+    s = Settings()
+    return s.model_copy(update={"config": config}) if config is not None else s
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _request(method: str, url: str, **kw: Any) -> httpx.Response:
+    try:
+        return httpx.request(method, url, timeout=kw.pop("timeout", 30.0), **kw)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the gateway at {url}: {exc}. Is `serving up` running?")
+
+
+def _show_error(resp: httpx.Response) -> None:
+    try:
+        e = resp.json()["error"]
+        where = f" (field {e['field']})" if e.get("field") else ""
+        _fail(f"{resp.status_code} {e['code']}: {e['message']}{where}")
+    except (ValueError, KeyError, TypeError):
+        _fail(f"{resp.status_code}: {resp.text[:500]}")
+
+
+# ---- up ------------------------------------------------------------------------------
+@app.command()
+def up(
+    config: ConfigOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 300.0,
+) -> None:
+    """Start (or join RAY_ADDRESS) Ray, deploy every configured model version and the
+    HTTP ingress, wait until all are warm, then serve until Ctrl-C / SIGTERM."""
+    import ray
+    from ray import serve
+
+    from serving import app as serving_app
+    from serving.auth import ensure_token
+
+    settings = _settings(config)
+    try:
+        dep = load_deployment(settings.config, settings.registry_dir)
+        cfg = serving_app.serve_config(settings, dep, ensure_token(settings))
+    except ConfigError as exc:
+        _fail(f"{exc}\nBuild the demo models with `make models` if they are missing.")
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        console.print(f"\n[yellow]received {signal.Signals(signum).name}, shutting down…[/]")
+        stop.set()
+
+    joined = settings.ray_address is not None
+    console.print(
+        f"[bold]serving up[/] config={settings.config} registry={dep.registry} "
+        f"ray={'join ' + str(settings.ray_address) if joined else 'local'}"
+    )
+    t0 = time.monotonic()
+    ray.init(
+        address=settings.ray_address,
+        num_cpus=None if joined else settings.ray_num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+    try:
+        serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        serving_app.apply_config(cfg)
+        names = serving_app.app_names(dep)
+        last: dict[str, str] = {}
+
+        def progress(states: dict[str, str]) -> None:
+            nonlocal last
+            if states != last:
+                waiting = [f"{n}={s}" for n, s in states.items() if s != "RUNNING"]
+                what = ("deploying: " + ", ".join(waiting)) if waiting else "all running"
+                console.print(f"  [{time.monotonic() - t0:5.1f}s] {what}")
+                last = dict(states)
+
+        serving_app.wait_until_running(names, timeout, progress)
+        _wait_ready(settings.gateway_url(), timeout - (time.monotonic() - t0))
+        console.print(
+            f"[bold green]ready[/] in {time.monotonic() - t0:.1f}s: "
+            f"HTTP {settings.gateway_url()}  (docs {settings.gateway_url()}/docs)\n"
+            f"admin token file: {settings.admin_token_file}\nCtrl-C to stop."
+        )
+        while not stop.wait(1.0):
+            pass
+    except (ConfigError, TimeoutError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        if joined:
+            for n in serving_app.app_names(dep):
+                serve.delete(n, _blocking=False)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+        console.print("stopped.")
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + max(timeout_s, 5.0)
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=5.0)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"gateway not ready: {last}")
+
+
+# ---- predict -------------------------------------------------------------------------
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    instances: Annotated[
+        str, typer.Option("--instances", "-i", help="JSON list of instances, or @file.json.")
+    ],
+    version: Annotated[str | None, typer.Option("--version", "-v")] = None,
+    url: UrlOpt = None,
+    raw: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
+) -> None:
+    """Send one prediction request and print the answer."""
+    text = Path(instances[1:]).read_text() if instances.startswith("@") else instances
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"--instances is not valid JSON: {exc}")
+    if isinstance(parsed, dict) and "instances" in parsed:
+        parsed = parsed["instances"]
+    base = url or _settings().gateway_url()
+    path = f"/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
+    resp = _request("POST", base + path, json={"instances": parsed})
+    if resp.status_code != 200:
+        _show_error(resp)
+    body = resp.json()
+    if raw:
+        console.print_json(data=body)
+        return
+    table = Table(title=f"{body['model']} {body['version']}  request {body['request_id']}")
+    table.add_column("#", justify="right")
+    table.add_column("prediction")
+    for i, p in enumerate(body["predictions"]):
+        table.add_row(str(i), json.dumps(p))
+    console.print(table)
+    console.print(f"[dim]server-timing: {resp.headers.get('server-timing', '')}[/]")
+
+
+# ---- models --------------------------------------------------------------------------
+@models_app.command("list")
+def models_list(url: UrlOpt = None) -> None:
+    """Served models, their versions and states."""
+    base = url or _settings().gateway_url()
+    resp = _request("GET", base + "/v1/models")
+    if resp.status_code != 200:
+        _show_error(resp)
+    table = Table(title="models")
+    for col in ("model", "version", "default", "state", "runtime", "held-out metrics"):
+        table.add_column(col)
+    for m in resp.json()["models"]:
+        for v in m["versions"]:
+            metrics = ", ".join(f"{k}={val:.4g}" for k, val in v["metrics"].items())
+            table.add_row(
+                m["name"],
+                v["version"],
+                "yes" if v["version"] == m["default_version"] else "",
+                v["state"],
+                v["runtime"],
+                metrics,
+            )
+    console.print(table)
+
+
+def _admin_headers() -> dict[str, str]:
+    from serving.auth import read_token
+
+    token = read_token(_settings())
+    if not token:
+        _fail("no admin token: set SERVING_ADMIN_TOKEN or start the gateway with `serving up`")
+    return {"authorization": f"Bearer {token}"}
+
+
+@models_app.command("batching")
+def models_batching(
+    model: Annotated[str, typer.Argument()],
+    version: Annotated[str, typer.Option("--version", "-v")],
+    max_batch_size: Annotated[int | None, typer.Option(help="Instances per batch.")] = None,
+    batch_wait_ms: Annotated[float | None, typer.Option(help="Wait for a batch to fill.")] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Show, or change live (no restart), a version's batching parameters."""
+    path = f"/admin/v1/models/{model}/versions/{version}/batching"
+    base = (url or _settings().gateway_url()) + path
+    if max_batch_size is None and batch_wait_ms is None:
+        resp = _request("GET", base, headers=_admin_headers())
+    else:
+        body: dict[str, Any] = {}
+        if max_batch_size is not None:
+            body["max_batch_size"] = max_batch_size
+        if batch_wait_ms is not None:
+            body["batch_wait_timeout_s"] = batch_wait_ms / 1000
+        resp = _request("PUT", base, headers=_admin_headers(), json=body, timeout=60.0)
+    if resp.status_code != 200:
+        _show_error(resp)
+    console.print_json(data=resp.json())
+
+
+# ---- config --------------------------------------------------------------------------
+@config_app.command("render")
+def config_render(config: ConfigOpt = None) -> None:
+    """Print the Ray Serve config this deployment file produces (e.g. for a RayService's
+    serveConfigV2). The admin token is left out."""
+    from serving.app import serve_config
+
+    settings = _settings(config)
+    try:
+        dep = load_deployment(settings.config, settings.registry_dir)
+        cfg = serve_config(settings, dep, None)
+    except ConfigError as exc:
+        _fail(str(exc))
+    sys.stdout.write(yaml.safe_dump(cfg, sort_keys=False))
+
+
+# ---- redis ---------------------------------------------------------------------------
+@redis_app.command("ensure")
+def redis_ensure(
+    wait: Annotated[float, typer.Option(help="Seconds to wait for a started server.")] = 10.0,
+) -> None:
+    """Make sure SERVING_REDIS_URL answers; start a local redis-server if it does not
+    and the URL points at this machine."""
+    import redis
+
+    url = _settings().redis_url
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+
+    def ping() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    if ping():
+        console.print(f"redis: {url} answers")
+        return
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+    binary = shutil.which("redis-server")
+    if host not in ("127.0.0.1", "localhost", "::1") or binary is None:
+        _fail(f"redis at {url} does not answer and no local redis-server can be started")
+    console.print(f"redis: {url} does not answer; starting {binary} on port {port}")
+    subprocess.run(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+        ],
+        check=True,
+    )
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if ping():
+            console.print(f"redis: started, {url} answers")
+            return
+        time.sleep(0.1)
+    _fail(f"started redis-server but {url} still does not answer")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""FastAPI ingress: v1 (TF-Serving-style) predict, model status, health, admin.
+
+Bodies are parsed with orjson straight from bytes (the documented pydantic schemas
+serve OpenAPI only), and every error leaves through one handler as
+`{"error": {"code", "message", "field"?}}` with the status its class carries.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.errors import (
+    MalformedRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServingError,
+    Unauthenticated,
+)
+from serving.pipeline import Pipeline, Prediction
+from serving.schemas import PredictRequest, PredictResponse, parse_predict_body
+from serving.settings import BatchingOverride, Settings
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+Reconfigure = Callable[[str, str, BatchingOverride], Awaitable[None]]
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id")
+    return rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timings.items())
+
+
+def _timeout_s(request: Request) -> float | None:
+    raw = request.headers.get("x-request-timeout-ms")
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        raise MalformedRequest(
+            "x-request-timeout-ms must be a number of milliseconds",
+            field="x-request-timeout-ms",
+        ) from None
+    if not ms > 0:
+        raise MalformedRequest(
+            "x-request-timeout-ms must be positive", field="x-request-timeout-ms"
+        )
+    return ms / 1000
+
+
+async def _read_json(request: Request, max_bytes: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {max_bytes}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+    if not body:
+        raise MalformedRequest("request body is empty; expected JSON")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # Error path only: the stdlib parser accepts NaN/Infinity literals (as Python's
+        # json.dumps writes them), so validation can name the field that holds one.
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise MalformedRequest(f"body is not valid JSON: {exc}") from None
+
+
+class BatchingUpdate(BaseModel):
+    max_batch_size: int | None = None
+    batch_wait_timeout_s: float | None = None
+
+
+def build_http_app(
+    pipeline: Pipeline,
+    settings: Settings,
+    *,
+    admin_token: str | None,
+    reconfigure: Reconfigure | None = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="serving gateway",
+        description="Low-latency model serving: TF-Serving-style v1 API, health, admin.",
+        version="0.1.0",
+    )
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(request: Request, exc: ServingError) -> Response:
+        return _json(exc.to_dict(), exc.http_status, {"x-request-id": request_id(request)})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        err = MalformedRequest(f"{where or 'body'}: {first['msg']}", field=where or None)
+        return await _serving_error(request, err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            err: ServingError = NotFound(f"no route {request.method} {request.url.path}")
+        else:
+            err = ServingError(str(exc.detail))
+            err.http_status = exc.status_code
+            err.code = "http_error"
+        return await _serving_error(request, err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        rid = request_id(request)
+        log.exception("unhandled error in request %s", rid)
+        return _json(
+            {"error": {"code": "internal", "message": f"internal error (request {rid})"}},
+            500,
+            {"x-request-id": rid},
+        )
+
+    def _answer(pred: Prediction, rid: str) -> Response:
+        body = {
+            "predictions": pred.predictions,
+            "model": pred.model,
+            "version": pred.version,
+            "request_id": rid,
+        }
+        return _json(
+            body,
+            headers={
+                "x-request-id": rid,
+                "server-timing": server_timing(pred.timings),
+                "x-serving-batch-size": str(pred.batch_size),
+            },
+        )
+
+    async def _predict(request: Request, name: str, version: str | None) -> Response:
+        rid = request_id(request)
+        t0 = time.perf_counter()
+        timeout = _timeout_s(request)
+        body = await _read_json(request, settings.max_body_bytes)
+        instances = parse_predict_body(body)
+        read_s = time.perf_counter() - t0
+        pred = await pipeline.predict(name, version, instances, timeout_s=timeout)
+        # Reading and parsing the body counts as decode time.
+        pred.timings["decode"] += read_s
+        pred.timings["total"] = time.perf_counter() - t0
+        return _answer(pred, rid)
+
+    predict_doc: dict[str, Any] = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+        }
+    }
+
+    @app.post(
+        "/v1/models/{name}:predict",
+        response_model=PredictResponse,
+        openapi_extra=predict_doc,
+        tags=["predict"],
+    )
+    async def predict(name: str, request: Request) -> Response:
+        """Predict with the model's default version."""
+        return await _predict(request, name, None)
+
+    @app.post(
+        "/v1/models/{name}/versions/{version}:predict",
+        response_model=PredictResponse,
+        openapi_extra=predict_doc,
+        tags=["predict"],
+    )
+    async def predict_version(name: str, version: str, request: Request) -> Response:
+        """Predict with one version of the model."""
+        return await _predict(request, name, version)
+
+    def _status(name: str, version: str, ready: bool) -> dict[str, Any]:
+        return {
+            "version": version,
+            "state": "AVAILABLE" if ready else "LOADING",
+            "status": {"error_code": "OK", "error_message": ""},
+        }
+
+    @app.get("/v1/models", tags=["models"])
+    async def list_models() -> Response:
+        """Every served model with its versions, default version and state."""
+        ready = await pipeline.readiness()
+        models: dict[str, dict[str, Any]] = {}
+        for (m, v), manifest in pipeline.manifests.items():
+            entry = models.setdefault(
+                m, {"name": m, "default_version": pipeline.default_version(m), "versions": []}
+            )
+            entry["versions"].append(
+                {
+                    "version": v,
+                    "state": "AVAILABLE" if ready[(m, v)] else "LOADING",
+                    "runtime": manifest.runtime,
+                    "inputs": [s.model_dump(exclude_defaults=True) for s in manifest.inputs],
+                    "outputs": [s.model_dump(exclude_defaults=True) for s in manifest.outputs],
+                    "metrics": manifest.metrics,
+                }
+            )
+        return _json({"models": list(models.values())})
+
+    @app.get("/v1/models/{name}", tags=["models"])
+    async def model_status(name: str) -> Response:
+        """TF Serving's model status: `model_version_status` per served version."""
+        pipeline.resolve(name, None)
+        versions = pipeline.served_versions(name)
+        states = [await pipeline.version_ready(name, v) for v in versions]
+        return _json(
+            {"model_version_status": [_status(name, v, r) for v, r in zip(versions, states)]}
+        )
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> Response:
+        """The ingress is alive (says nothing about models)."""
+        return _json({"status": "alive"})
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> Response:
+        """200 only when every configured version is loaded and warm; else 503."""
+        ready = await pipeline.readiness()
+        waiting = [f"{m}/{v}" for (m, v), ok in ready.items() if not ok]
+        if waiting:
+            return _json(
+                {
+                    "status": "not_ready",
+                    "waiting_for": waiting,
+                    "error": {
+                        "code": "not_ready",
+                        "message": "not warmed up yet: " + ", ".join(waiting),
+                    },
+                },
+                503,
+            )
+        return _json({"status": "ready", "versions": [f"{m}/{v}" for m, v in ready]})
+
+    def _check_admin(request: Request) -> None:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if (
+            admin_token is None
+            or scheme.lower() != "bearer"
+            or not hmac.compare_digest(token.encode(), admin_token.encode())
+        ):
+            raise Unauthenticated("admin API needs 'Authorization: Bearer <token>'")
+
+    @app.get("/admin/v1/models/{name}/versions/{version}/batching", tags=["admin"])
+    async def get_batching(name: str, version: str, request: Request) -> Response:
+        """Batching parameters a replica of this version runs with now."""
+        _check_admin(request)
+        return _json(await pipeline.batching(name, version))
+
+    @app.put("/admin/v1/models/{name}/versions/{version}/batching", tags=["admin"])
+    async def put_batching(
+        name: str, version: str, update: BatchingUpdate, request: Request
+    ) -> Response:
+        """Change batching on the running deployment (Ray Serve reconfigure; no restart)."""
+        _check_admin(request)
+        pipeline.resolve(name, version)
+        try:
+            override = BatchingOverride.model_validate(update.model_dump())
+        except ValueError as exc:
+            raise MalformedRequest(str(exc)) from None
+        if reconfigure is None:
+            raise ServingError("reconfiguration is not available in this process")
+        await reconfigure(name, version, override)
+        return _json({"model": name, "version": version, **override.model_dump(exclude_none=True)})
+
+    return app

@@ -1,0 +1,203 @@
+"""The request flow shared by every transport.
+
+decode (validate against the manifest) → choose the version → call the version's
+replica with a deadline → encode. Each stage is timed; the timings go to metrics and,
+through the transport, to the client (Server-Timing). Errors are ServingErrors only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from serving.errors import (
+    DeadlineExceeded,
+    ModelError,
+    NotFound,
+    NotReady,
+    Overloaded,
+    ServingError,
+)
+from serving.metrics import metrics
+from serving.registry import Manifest, Registry
+from serving.schemas import decode_instances, encode_predictions
+from serving.settings import DeploymentFile, Settings
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaHandle(Protocol):
+    """The part of a Ray Serve DeploymentHandle the pipeline uses."""
+
+    def __getattr__(self, method: str) -> Any: ...
+
+
+HandleFactory = Callable[[str, str], ReplicaHandle]
+
+
+def model_app_name(model: str, version: str) -> str:
+    """The Ray Serve application that hosts one model version."""
+    return f"model-{model}-{version}"
+
+
+@dataclass(slots=True)
+class Prediction:
+    predictions: list[Any]
+    model: str
+    version: str
+    batch_size: int
+    # Stage name → seconds, in the order the stages ran.
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, dep: DeploymentFile, settings: Settings, handles: HandleFactory) -> None:
+        self._settings = settings
+        self._dep = dep
+        self._handles_factory = handles
+        self._handles: dict[tuple[str, str], ReplicaHandle] = {}
+        registry = Registry(dep.registry)
+        # Manifests are read once; a bad one fails start-up with the file named.
+        self.manifests: dict[tuple[str, str], Manifest] = {
+            (m, v): registry.get(m, v).manifest
+            for m, cfg in dep.models.items()
+            for v in cfg.versions
+        }
+
+    # ---- routing -------------------------------------------------------------------
+    def resolve(self, model: str, version: str | None) -> tuple[str, Manifest]:
+        cfg = self._dep.models.get(model)
+        if cfg is None:
+            known = ", ".join(sorted(self._dep.models)) or "none"
+            raise NotFound(f"model {model!r} not found (served: {known})", field="model")
+        v = version or cfg.default
+        manifest = self.manifests.get((model, v))
+        if manifest is None:
+            known = ", ".join(sorted(cfg.versions))
+            raise NotFound(
+                f"version {v!r} of model {model!r} not found (served: {known})", field="version"
+            )
+        return v, manifest
+
+    def _handle(self, model: str, version: str) -> ReplicaHandle:
+        key = (model, version)
+        h = self._handles.get(key)
+        if h is None:
+            h = self._handles[key] = self._handles_factory(model, version)
+        return h
+
+    # ---- predict -------------------------------------------------------------------
+    async def predict(
+        self,
+        model: str,
+        version: str | None,
+        instances: Any,
+        *,
+        timeout_s: float | None = None,
+        protocol: str = "http",
+    ) -> Prediction:
+        t0 = time.perf_counter()
+        deadline = min(
+            timeout_s or self._settings.request_timeout_s, self._settings.request_timeout_s
+        )
+        v = version
+        code = "ok"
+        try:
+            v, manifest = self.resolve(model, version)
+            arrays = decode_instances(manifest.inputs, instances, self._settings.max_instances)
+            t_decoded = time.perf_counter()
+            result = await self._call(model, v, "predict", deadline - (t_decoded - t0), arrays)
+            t_called = time.perf_counter()
+            predictions = encode_predictions(manifest.outputs, result.outputs)
+            t_end = time.perf_counter()
+        except ServingError as exc:
+            code = exc.code
+            raise
+        finally:
+            metrics().requests.inc(
+                1, tags={"model": model, "version": v or "", "protocol": protocol, "code": code}
+            )
+        timings = {
+            "decode": t_decoded - t0,
+            "queue": result.queue_s,
+            "infer": result.infer_s,
+            # Ray's hop there and back plus what the replica spends outside the batch.
+            "hop": max(t_called - t_decoded - result.queue_s - result.infer_s, 0.0),
+            "encode": t_end - t_called,
+            "total": t_end - t0,
+        }
+        m = metrics()
+        tags = {"model": model, "version": v}
+        m.latency.observe(timings["total"], tags={**tags, "protocol": protocol})
+        for stage, secs in timings.items():
+            if stage != "total":
+                m.stage.observe(secs, tags={**tags, "stage": stage})
+        return Prediction(predictions, model, v, result.batch_size, timings)
+
+    async def _call(
+        self, model: str, version: str, method: str, timeout_s: float, *args: Any
+    ) -> Any:
+        """Call a replica method with a deadline, mapping Ray's failures to ours."""
+        from ray.exceptions import RayActorError, RayTaskError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        if timeout_s <= 0:
+            raise DeadlineExceeded("deadline exceeded before the model was called")
+        try:
+            handle = self._handle(model, version)
+            response = getattr(handle, method).remote(*args)
+        except Exception as exc:  # the version's application is not deployed (yet)
+            raise NotReady(f"{model}/{version} is not available: {exc}") from None
+        try:
+            return await asyncio.wait_for(_wait(response), timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise DeadlineExceeded(
+                f"{model}/{version} did not answer within {timeout_s * 1000:.0f} ms"
+            ) from None
+        except BackPressureError:
+            raise Overloaded(f"{model}/{version} is overloaded; retry later") from None
+        except DeploymentUnavailableError:
+            raise NotReady(f"{model}/{version} is not available") from None
+        except RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, ServingError) else None
+            if cause is not None:
+                raise cause from None
+            raise ModelError(f"{model}/{version} failed: {exc.cause!r}") from None
+        except RayActorError:
+            raise NotReady(f"{model}/{version} replica died; retry") from None
+
+    # ---- readiness -----------------------------------------------------------------
+    async def version_ready(self, model: str, version: str) -> bool:
+        try:
+            return bool(
+                await self._call(model, version, "ready", self._settings.ready_probe_timeout_s)
+            )
+        except ServingError:
+            return False
+
+    async def readiness(self) -> dict[tuple[str, str], bool]:
+        keys = list(self.manifests)
+        states = await asyncio.gather(*(self.version_ready(m, v) for m, v in keys))
+        return dict(zip(keys, states))
+
+    async def batching(self, model: str, version: str) -> dict[str, Any]:
+        self.resolve(model, version)
+        result: dict[str, Any] = await self._call(
+            model, version, "batching", self._settings.ready_probe_timeout_s
+        )
+        return result
+
+    def default_version(self, model: str) -> str:
+        return self._dep.models[model].default
+
+    def served_versions(self, model: str) -> list[str]:
+        return list(self._dep.models[model].versions)
+
+
+async def _wait(response: Any) -> Any:
+    return await response

@@ -1,0 +1,155 @@
+"""ModelReplica: one Ray Serve deployment per model version.
+
+Requests are merged by `@serve.batch`, whose batch size counts *instances* (not
+requests), so `max_batch_size` is what the runtime sees. A request larger than a batch
+is cut into pieces first. Inference runs on one worker thread so that the event loop
+keeps accepting and queueing requests for the next batch while this one runs.
+Warm-up happens in `__init__`: a replica reports healthy only once it is warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from ray import serve
+
+from serving import batching
+from serving.errors import ModelError
+from serving.metrics import metrics
+from serving.registry import Manifest, Registry
+from serving.runtimes import Arrays, RuntimeOptions, load_runtime
+from serving.settings import BatchingOverride, WarmupConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ReplicaResult:
+    outputs: Arrays
+    queue_s: float  # longest wait in the batch queue among this request's pieces
+    infer_s: float  # runtime time of the batch(es) this request ran in
+    batch_size: int  # instances in the largest batch this request ran in
+    replica_s: float  # time from arrival in the replica to the answer
+
+
+class _Item(NamedTuple):
+    arrays: Arrays
+    enqueued: float
+
+
+class _Done(NamedTuple):
+    outputs: Arrays
+    queue_s: float
+    infer_s: float
+    batch_size: int
+
+
+def _instances(items: list[_Item]) -> int:
+    return sum(batching.rows(it.arrays) for it in items)
+
+
+def warmup_inputs(manifest: Manifest, n: int) -> Arrays:
+    """Zeros of the declared shapes (variable axes as 1) for `n` instances."""
+    return {
+        s.name: np.zeros([n, *[d if d > 0 else 1 for d in s.shape]], dtype=s.dtype)
+        for s in manifest.inputs
+    }
+
+
+@serve.deployment(name="ModelReplica")
+class ModelReplica:
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        registry: str,
+        runtime: dict[str, Any],
+        warmup: dict[str, Any] | None = None,
+    ) -> None:
+        self._mv = Registry(Path(registry)).get(model, version)
+        self._manifest = self._mv.manifest
+        self._runtime = load_runtime(self._mv, RuntimeOptions(**runtime))
+        self._max_batch = self._manifest.batching.max_batch_size
+        self._tags = {"model": model, "version": version}
+        # One inference thread: batches run one at a time, in arrival order.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model}-{version}")
+        self._warm(WarmupConfig(**warmup) if warmup else self._manifest.warmup)
+        self._apply_batching(BatchingOverride())
+        log.info("%s/%s ready on %s", model, version, self._runtime.device)
+
+    def _warm(self, cfg: WarmupConfig) -> None:
+        sizes = sorted({1, self._max_batch})
+        start = time.perf_counter()
+        done = 0
+        while done < cfg.iterations or time.perf_counter() - start < cfg.min_seconds:
+            self._runtime.predict(warmup_inputs(self._manifest, sizes[done % len(sizes)]))
+            done += 1
+
+    def _apply_batching(self, cfg: BatchingOverride) -> None:
+        b = self._manifest.batching
+        self._max_batch = cfg.max_batch_size or b.max_batch_size
+        wait = cfg.batch_wait_timeout_s
+        if wait is None:
+            wait = b.batch_wait_timeout_s
+        self._run_batch.set_max_batch_size(self._max_batch)
+        self._run_batch.set_batch_wait_timeout_s(wait)
+        self._wait = wait
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Live batching changes from the deployment's `user_config`; no restart."""
+        self._apply_batching(BatchingOverride.model_validate(user_config or {}))
+        log.info("batching now max_batch_size=%d wait=%.4fs", self._max_batch, self._wait)
+
+    async def ready(self) -> bool:
+        return True  # reachable only after __init__, i.e. after warm-up
+
+    async def batching(self) -> dict[str, Any]:
+        """Current batching values and which replica answered (to show no restart)."""
+        return {
+            "max_batch_size": self._max_batch,
+            "batch_wait_timeout_s": self._wait,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+        }
+
+    async def predict(self, inputs: Arrays) -> ReplicaResult:
+        t0 = time.perf_counter()
+        pieces = batching.chunk(inputs, self._max_batch)
+        if len(pieces) == 1:
+            done = [await self._run_batch(_Item(pieces[0], t0))]
+        else:
+            done = list(await asyncio.gather(*(self._run_batch(_Item(p, t0)) for p in pieces)))
+        return ReplicaResult(
+            outputs=batching.concat_outputs([d.outputs for d in done]),
+            queue_s=max(d.queue_s for d in done),
+            infer_s=sum(d.infer_s for d in done),
+            batch_size=max(d.batch_size for d in done),
+            replica_s=time.perf_counter() - t0,
+        )
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=_instances)
+    async def _run_batch(self, items: list[_Item]) -> list[_Done]:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        out: list[_Done | None] = [None] * len(items)
+        total = _instances(items)
+        for group in batching.group_compatible([it.arrays for it in items]):
+            merged, counts = batching.merge([items[i].arrays for i in group])
+            t = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._runtime.predict, merged)
+            except Exception as exc:  # a runtime fault on validated input
+                log.exception("inference failed")
+                raise ModelError(f"inference failed: {type(exc).__name__}: {exc}") from None
+            infer_s = time.perf_counter() - t
+            for i, part in zip(group, batching.split(outputs, counts)):
+                out[i] = _Done(part, started - items[i].enqueued, infer_s, total)
+        m = metrics()
+        m.batch_size.observe(total, tags=self._tags)
+        return [d for d in out if d is not None]

@@ -1,0 +1,235 @@
+"""Transport-neutral request decoding and response encoding.
+
+`decode_instances` turns TF-Serving-style instances into one numpy array per model
+input, validated against the manifest. The fast path is vectorised; only when it fails
+do we walk the instances one by one, to name the exact field that is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from serving.errors import InvalidInput, MalformedRequest, PayloadTooLarge
+from serving.registry import TensorSpec
+
+Arrays = dict[str, np.ndarray]
+
+
+class PredictRequest(BaseModel):
+    """`POST /v1/models/{name}:predict` body (documentation schema; parsing is manual)."""
+
+    instances: list[Any] = Field(
+        description="One item per example: an object of named inputs (or, for a 1-D "
+        "input with named columns, an object of those columns), or a bare value when "
+        "the model has a single input.",
+        examples=[[{"features": [1.0, 2.0]}], [[[0.0] * 8] * 8]],
+    )
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Any]
+    model: str
+    version: str
+    request_id: str
+
+
+def _shape_ok(got: tuple[int, ...], want: list[int]) -> bool:
+    return len(got) == len(want) and all(w == -1 or g == w for g, w in zip(got, want))
+
+
+def _fmt_shape(shape: list[int] | tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _spec_kind(spec: TensorSpec) -> str:
+    return np.dtype(spec.dtype).kind  # 'b', 'i', 'u' or 'f'
+
+
+def _field(i: int, spec: TensorSpec, single_bare: bool, column: str | None = None) -> str:
+    base = f"instances[{i}]" if single_bare else f"instances[{i}].{spec.name}"
+    return f"instances[{i}].{column}" if column is not None else base
+
+
+def _check_value(value: Any, spec: TensorSpec, where: str) -> None:
+    """Slow-path check of one instance's value; raises InvalidInput naming `where`."""
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        raise InvalidInput(
+            f"{where}: ragged nested lists; expected shape {_fmt_shape(spec.shape)}",
+            field=where,
+        ) from None
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise InvalidInput(
+            f"{where}: expected {spec.dtype} numbers, got {_describe(value)}", field=where
+        )
+    if not _shape_ok(arr.shape, spec.shape):
+        raise InvalidInput(
+            f"{where}: expected shape {_fmt_shape(spec.shape)}, got {_fmt_shape(arr.shape)}",
+            field=where,
+        )
+    _check_numbers(arr, spec, where)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"string {value!r:.40}"
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, list):
+                return _describe(v)
+            if not isinstance(v, (int, float)):
+                return f"a list holding {_describe(v)}"
+        return "a list"
+    return type(value).__name__
+
+
+def _check_numbers(arr: np.ndarray, spec: TensorSpec, where: str) -> None:
+    kind = _spec_kind(spec)
+    if arr.dtype.kind == "b" and kind != "b":
+        raise InvalidInput(f"{where}: expected {spec.dtype} numbers, got booleans", field=where)
+    if kind == "f":
+        if not spec.allow_nan and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise InvalidInput(f"{where}: NaN or infinity is not allowed", field=where)
+        return
+    if kind == "b":
+        if arr.dtype.kind != "b" and not np.isin(arr, (0, 1)).all():
+            raise InvalidInput(f"{where}: expected booleans", field=where)
+        return
+    if arr.dtype.kind == "f" and (not np.isfinite(arr).all() or (arr != np.round(arr)).any()):
+        raise InvalidInput(f"{where}: expected integers ({spec.dtype})", field=where)
+    info = np.iinfo(np.dtype(spec.dtype))
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise InvalidInput(
+            f"{where}: value out of range for {spec.dtype} [{info.min}, {info.max}]",
+            field=where,
+        )
+
+
+def _gather(instances: list[Any], specs: list[TensorSpec]) -> tuple[dict[str, list[Any]], bool]:
+    """Split instances into per-input value lists; checks the instance envelope only."""
+    single = len(specs) == 1
+    names = [s.name for s in specs]
+    columns = specs[0].columns if single else None
+    values: dict[str, list[Any]] = {n: [] for n in names}
+    bare = False
+    for i, inst in enumerate(instances):
+        if isinstance(inst, dict):
+            if columns is not None and names[0] not in inst:
+                missing = [c for c in columns if c not in inst]
+                if missing:
+                    raise InvalidInput(
+                        f"instances[{i}]: missing field {missing[0]!r} "
+                        f"(expected {', '.join(columns)})",
+                        field=f"instances[{i}].{missing[0]}",
+                    )
+                extra = set(inst) - set(columns)
+                if extra:
+                    bad = sorted(extra)[0]
+                    raise InvalidInput(
+                        f"instances[{i}]: unknown field {bad!r}", field=f"instances[{i}].{bad}"
+                    )
+                values[names[0]].append([inst[c] for c in columns])
+                continue
+            for n in names:
+                if n not in inst:
+                    raise InvalidInput(
+                        f"instances[{i}]: missing input {n!r}", field=f"instances[{i}].{n}"
+                    )
+                values[n].append(inst[n])
+            if len(inst) != len(names):
+                bad = sorted(set(inst) - set(names))[0]
+                raise InvalidInput(
+                    f"instances[{i}]: unknown input {bad!r}", field=f"instances[{i}].{bad}"
+                )
+        elif single:
+            bare = True
+            values[names[0]].append(inst)
+        else:
+            raise InvalidInput(
+                f"instances[{i}]: expected an object with inputs {', '.join(names)}",
+                field=f"instances[{i}]",
+            )
+    return values, bare
+
+
+def decode_instances(specs: list[TensorSpec], instances: Any, max_instances: int) -> Arrays:
+    """Validate `instances` against the input specs and return one array per input."""
+    if not isinstance(instances, list):
+        raise MalformedRequest("'instances' must be a list", field="instances")
+    if not instances:
+        raise InvalidInput("'instances' must not be empty", field="instances")
+    if len(instances) > max_instances:
+        raise PayloadTooLarge(
+            f"{len(instances)} instances exceed the limit of {max_instances} per request",
+            field="instances",
+        )
+    values, bare = _gather(instances, specs)
+    out: Arrays = {}
+    for spec in specs:
+        vals = values[spec.name]
+        arr: np.ndarray | None
+        try:
+            arr = np.asarray(vals)
+        except ValueError:
+            arr = None
+        if (
+            arr is None
+            or arr.dtype == object
+            or arr.dtype.kind not in "biuf"
+            or not _shape_ok(arr.shape[1:], spec.shape)
+        ):
+            arr = None
+        else:
+            try:
+                _check_numbers(arr, spec, spec.name)
+            except InvalidInput:
+                arr = None
+        if arr is None:
+            _locate_error(vals, spec, bare)
+            # Each instance is valid alone but they disagree (e.g. variable shapes).
+            raise InvalidInput(f"{spec.name}: instances differ in shape or type", field=spec.name)
+        out[spec.name] = arr.astype(spec.dtype, copy=False)
+    return out
+
+
+def _locate_error(vals: list[Any], spec: TensorSpec, bare: bool) -> None:
+    """Walk instances to raise the first precise error (slow path, errors only)."""
+    for i, v in enumerate(vals):
+        if spec.columns is not None and isinstance(v, list) and len(v) == len(spec.columns):
+            for j, c in enumerate(spec.columns):
+                _check_value(
+                    v[j],
+                    spec.model_copy(update={"shape": [], "columns": None}),
+                    _field(i, spec, bare, c),
+                )
+        _check_value(v, spec, _field(i, spec, bare))
+
+
+def encode_predictions(specs: list[TensorSpec], outputs: Arrays) -> list[Any]:
+    """One prediction per instance: a bare value for single-output models, else an
+    object of named outputs."""
+    if len(specs) == 1:
+        return list(outputs[specs[0].name].tolist())
+    cols = [outputs[s.name].tolist() for s in specs]
+    names = [s.name for s in specs]
+    return [dict(zip(names, row)) for row in zip(*cols)]
+
+
+def parse_predict_body(body: Any) -> Any:
+    """Return the `instances` of a v1 body, or raise MalformedRequest."""
+    if not isinstance(body, dict):
+        raise MalformedRequest("request body must be a JSON object with 'instances'")
+    if "instances" not in body:
+        if "inputs" in body:
+            raise MalformedRequest(
+                "the columnar 'inputs' format is not supported; send 'instances'",
+                field="inputs",
+            )
+        raise MalformedRequest("request body is missing 'instances'", field="instances")
+    return body["instances"]

@@ -1,0 +1,175 @@
+"""Settings, read in one place.
+
+Process-level settings come from the environment (prefix `SERVING_`) through
+`Settings`; the topology of a deployment (which model versions run, how many replicas,
+batching overrides) comes from one YAML file under `deployments/`, validated by
+`DeploymentFile`. Nothing else in the package reads `os.environ` or YAML config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serving.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Process settings; every field can be set as `SERVING_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="ignore", populate_by_name=True)
+
+    config: Path = Path("deployments/local.yaml")
+    registry_dir: Path | None = None  # overrides the deployment file's `registry`
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 9000
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Join an existing Ray cluster when set (RAY_ADDRESS is honoured too); otherwise
+    # `serving up` starts a local one sized by ray_num_cpus (None: all cores).
+    ray_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("SERVING_RAY_ADDRESS", "RAY_ADDRESS")
+    )
+    ray_num_cpus: float | None = None
+
+    # Request limits: bodies and instance counts above these get 413.
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_instances: int = 1024
+    # Deadline for one prediction, end to end inside the gateway; a client may ask for
+    # less with the `x-request-timeout-ms` header, never for more.
+    request_timeout_s: float = 10.0
+    # How long readiness probes wait for a model replica before calling it not ready.
+    ready_probe_timeout_s: float = 1.0
+
+    # Runtime threads per replica. Small by default: replicas share a small machine.
+    onnx_intra_op_threads: int = 1
+    torch_threads: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    admin_token: str | None = None
+    admin_token_file: Path = Path.home() / ".config" / "serving" / "admin-token"
+
+    def gateway_url(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}"
+
+
+class BatchingOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    batch_wait_timeout_s: float | None = Field(default=None, ge=0, le=10)
+
+
+class WarmupConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(default=3, ge=0)
+    # Keep warming for at least this long (lets allocators and JITs settle).
+    min_seconds: float = Field(default=0.0, ge=0)
+
+
+class AutoscalingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class ResourcesOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+
+
+class VersionConfig(BaseModel):
+    """Deployment-side settings for one model version; unset fields use the manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    batching: BatchingOverride = BatchingOverride()
+    resources: ResourcesOverride = ResourcesOverride()
+    warmup: WarmupConfig | None = None
+    # Ray Serve queues without bound by default; a bound turns overload into a fast 503.
+    max_queued_requests: int = Field(default=256, ge=1)
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default: str
+    versions: dict[str, VersionConfig]
+
+    @model_validator(mode="after")
+    def _default_is_served(self) -> ModelConfig:
+        if self.default not in self.versions:
+            raise ValueError(f"default version {self.default!r} is not among versions")
+        return self
+
+
+class IngressConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0)
+    max_ongoing_requests: int = Field(default=512, ge=1)
+
+
+class DeploymentFile(BaseModel):
+    """Schema of `deployments/*.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: Path = Path("models")
+    ingress: IngressConfig = IngressConfig()
+    models: dict[str, ModelConfig]
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source} is invalid:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def validate_file(path: Path, model: type[BaseModel], data: Any) -> Any:
+    """Validate `data` read from `path`, raising ConfigError naming file and fields."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(path), exc)) from exc
+
+
+def load_deployment(path: Path, registry_override: Path | None = None) -> DeploymentFile:
+    """Read a deployment file; a relative registry path is taken from the CWD."""
+    dep: DeploymentFile = validate_file(path, DeploymentFile, read_yaml(path))
+    if registry_override is not None:
+        dep = dep.model_copy(update={"registry": registry_override})
+    return dep

@@ -1,0 +1,213 @@
+"""The gateway end to end: real Ray Serve, real HTTP, the demo models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serving.registry import Registry
+from serving.runtimes import RuntimeOptions, load_runtime
+from tests.e2e.conftest import GatewayUnderTest
+
+pytestmark = pytest.mark.e2e
+
+
+def heldout(registry: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(registry / model / "heldout.npz")
+    return data["X"], data["y"]
+
+
+def direct(registry: Path, model: str, version: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    mv = Registry(registry).get(model, version)
+    return load_runtime(mv, RuntimeOptions(device="cpu")).predict({mv.manifest.inputs[0].name: x})
+
+
+def post(gw: GatewayUnderTest, path: str, body: object, **kw: object) -> httpx.Response:
+    return httpx.post(gw.url + path, json=body, timeout=30.0, **kw)  # type: ignore[arg-type]
+
+
+def test_readyz_said_503_naming_the_warming_version_before_200(gateway: GatewayUnderTest) -> None:
+    codes = [c for c, _ in gateway.readiness_log]
+    assert codes[-1] == 200
+    not_ready = [b for c, b in gateway.readiness_log if c == 503]
+    assert not_ready, f"never saw 503 before ready: {gateway.readiness_log}"
+    assert "digits/v1" in not_ready[-1]["waiting_for"]
+    assert codes.index(503) < codes.index(200)
+
+
+@pytest.mark.parametrize(("model", "version"), [("fraud", "v1"), ("fraud", "v2")])
+def test_fraud_predictions_equal_the_runtime(
+    gateway: GatewayUnderTest, model: str, version: str
+) -> None:
+    x, _ = heldout(gateway.registry, model)
+    x = x[:200]
+    want = direct(gateway.registry, model, version, x)
+    r = post(gateway, f"/v1/models/{model}/versions/{version}:predict", {"instances": x.tolist()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["model"], body["version"]) == (model, version)
+    got_probs = np.array([p["probabilities"] for p in body["predictions"]], dtype=np.float32)
+    got_labels = np.array([p["label"] for p in body["predictions"]])
+    np.testing.assert_allclose(got_probs, want["probabilities"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got_labels, want["label"])
+
+
+def test_fraud_instances_as_named_columns(gateway: GatewayUnderTest) -> None:
+    x, _ = heldout(gateway.registry, "fraud")
+    columns = Registry(gateway.registry).get("fraud", "v2").manifest.inputs[0].columns
+    assert columns
+    named = [dict(zip(columns, row)) for row in x[:5].tolist()]
+    a = post(gateway, "/v1/models/fraud:predict", {"instances": named}).json()
+    b = post(gateway, "/v1/models/fraud:predict", {"instances": x[:5].tolist()}).json()
+    assert a["version"] == "v2"  # the default version
+    assert a["predictions"] == b["predictions"]
+
+
+def test_digits_accuracy_over_http(gateway: GatewayUnderTest) -> None:
+    x, y = heldout(gateway.registry, "digits")
+    labels: list[int] = []
+    for i in range(0, len(x), 100):
+        r = post(gateway, "/v1/models/digits:predict", {"instances": x[i : i + 100].tolist()})
+        assert r.status_code == 200, r.text
+        labels += [p["label"] for p in r.json()["predictions"]]
+    accuracy = float(np.mean(np.array(labels) == y))
+    assert accuracy >= 0.95
+    want = direct(gateway.registry, "digits", "v1", x)["label"]
+    np.testing.assert_array_equal(labels, want)
+
+
+async def _burst(gw: GatewayUnderTest, rows: np.ndarray, version: str) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(max_connections=128)) as c:
+        return list(
+            await asyncio.gather(
+                *(
+                    c.post(
+                        f"{gw.url}/v1/models/fraud/versions/{version}:predict",
+                        json={"instances": [row]},
+                    )
+                    for row in rows.tolist()
+                )
+            )
+        )
+
+
+def test_64_concurrent_requests_are_correct_and_batched(gateway: GatewayUnderTest) -> None:
+    x, _ = heldout(gateway.registry, "fraud")
+    rows = x[:64]
+    want = direct(gateway.registry, "fraud", "v2", rows)
+    responses = asyncio.run(_burst(gateway, rows, "v2"))
+    assert [r.status_code for r in responses] == [200] * 64
+    got = np.array([r.json()["predictions"][0]["probabilities"] for r in responses])
+    np.testing.assert_allclose(got, want["probabilities"], rtol=1e-6, atol=1e-7)
+    sizes = [int(r.headers["x-serving-batch-size"]) for r in responses]
+    assert max(sizes) > 1, sizes
+
+
+def test_live_reconfigure_changes_batch_size_without_restart(gateway: GatewayUnderTest) -> None:
+    base = f"{gateway.url}/admin/v1/models/fraud/versions/v2/batching"
+    before = httpx.get(base, headers=gateway.admin(), timeout=10).json()
+    r = httpx.put(base, headers=gateway.admin(), json={"max_batch_size": 1}, timeout=60)
+    assert r.status_code == 200, r.text
+    now = httpx.get(base, headers=gateway.admin(), timeout=10).json()
+    assert now["max_batch_size"] == 1
+    assert now["replica"] == before["replica"]  # reconfigured in place, not restarted
+    x, _ = heldout(gateway.registry, "fraud")
+    responses = asyncio.run(_burst(gateway, x[:32], "v2"))
+    assert {int(r.headers["x-serving-batch-size"]) for r in responses} == {1}
+    r = httpx.put(base, headers=gateway.admin(), json={"max_batch_size": 64}, timeout=60)
+    assert r.status_code == 200
+    responses = asyncio.run(_burst(gateway, x[:64], "v2"))
+    assert max(int(r.headers["x-serving-batch-size"]) for r in responses) > 1
+
+
+def test_admin_needs_the_token(gateway: GatewayUnderTest) -> None:
+    base = f"{gateway.url}/admin/v1/models/fraud/versions/v2/batching"
+    assert httpx.get(base, timeout=10).status_code == 401
+    wrong = {"authorization": "Bearer nope"}
+    r = httpx.put(base, headers=wrong, json={"max_batch_size": 2}, timeout=10)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthenticated"
+
+
+def _error(r: httpx.Response, status: int) -> dict[str, str]:
+    assert r.status_code == status, r.text
+    err: dict[str, str] = r.json()["error"]
+    assert err["message"]
+    return err
+
+
+def test_unknown_model_and_version_are_404(gateway: GatewayUnderTest) -> None:
+    err = _error(post(gateway, "/v1/models/nope:predict", {"instances": [[1]]}), 404)
+    assert "nope" in err["message"] and "fraud" in err["message"]
+    err = _error(post(gateway, "/v1/models/fraud/versions/v9:predict", {"instances": [[1]]}), 404)
+    assert "v9" in err["message"]
+    _error(httpx.get(gateway.url + "/v1/models/nope", timeout=10), 404)
+    _error(httpx.get(gateway.url + "/no/such/route", timeout=10), 404)
+
+
+def test_bad_requests_get_the_right_4xx_naming_the_problem(gateway: GatewayUnderTest) -> None:
+    url = gateway.url + "/v1/models/digits:predict"
+    img = [[0.0] * 8] * 8
+
+    def send(content: bytes) -> httpx.Response:
+        return httpx.post(
+            url, content=content, timeout=30, headers={"content-type": "application/json"}
+        )
+
+    assert "JSON" in _error(send(b'{"instances": [1,'), 400)["message"]
+    assert _error(send(b'{"inputs": []}'), 400)["field"] == "inputs"
+    assert _error(send(b"[]"), 400)["code"] == "malformed_request"
+    err = _error(post(gateway, "/v1/models/digits:predict", {"instances": [img, "cat"]}), 422)
+    assert err["field"] == "instances[1]" and "string" in err["message"]
+    err = _error(post(gateway, "/v1/models/digits:predict", {"instances": [[[0.0] * 8] * 7]}), 422)
+    assert "expected shape [8, 8], got [7, 8]" in err["message"]
+    nan_img = [row[:] for row in img]
+    nan_img[3][4] = math.nan
+    err = _error(send(json.dumps({"instances": [img, nan_img]}).encode()), 422)
+    assert err["field"] == "instances[1]" and "NaN" in err["message"]
+    err = _error(send(b'{"instances": [{"features": [Infinity]}]}'), 422)
+    err = _error(post(gateway, "/v1/models/fraud:predict", {"instances": [{"amount": 1.0}]}), 422)
+    assert err["field"].startswith("instances[0].")
+    too_many = {"instances": [img] * 1025}
+    assert _error(post(gateway, "/v1/models/digits:predict", too_many), 413)["field"] == "instances"
+    huge = b'{"instances": [' + b"0," * (3 * 1024 * 1024) + b"0]}"
+    assert _error(send(huge), 413)["code"] == "payload_too_large"
+    r = httpx.post(url, json={"instances": [img]}, headers={"x-request-timeout-ms": "x"})
+    assert _error(r, 400)["field"] == "x-request-timeout-ms"
+
+
+def test_headers_request_id_and_server_timing(gateway: GatewayUnderTest) -> None:
+    r = post(
+        gateway,
+        "/v1/models/fraud:predict",
+        {"instances": [heldout(gateway.registry, "fraud")[0][0].tolist()]},
+        headers={"x-request-id": "abc-123"},
+    )
+    assert r.status_code == 200
+    assert r.headers["x-request-id"] == "abc-123" and r.json()["request_id"] == "abc-123"
+    stages = {part.split(";")[0].strip() for part in r.headers["server-timing"].split(",")}
+    assert {"decode", "queue", "infer", "hop", "encode", "total"} <= stages
+    r = post(gateway, "/v1/models/nope:predict", {"instances": [[1]]})
+    assert len(r.headers["x-request-id"]) == 32
+
+
+def test_status_endpoints(gateway: GatewayUnderTest) -> None:
+    assert httpx.get(gateway.url + "/healthz", timeout=10).json() == {"status": "alive"}
+    models = httpx.get(gateway.url + "/v1/models", timeout=10).json()["models"]
+    by_name = {m["name"]: m for m in models}
+    assert by_name["fraud"]["default_version"] == "v2"
+    assert {v["version"]: v["state"] for v in by_name["fraud"]["versions"]} == {
+        "v1": "AVAILABLE",
+        "v2": "AVAILABLE",
+    }
+    status = httpx.get(gateway.url + "/v1/models/digits", timeout=10).json()
+    assert status["model_version_status"][0]["state"] == "AVAILABLE"
+    assert httpx.get(gateway.url + "/docs", timeout=10).status_code == 200
+    spec = httpx.get(gateway.url + "/openapi.json", timeout=10).json()
+    assert "/v1/models/{name}:predict" in spec["paths"]
