@@ -6,7 +6,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-MODELS_STAMP := models/.built
 
 .PHONY: up test install models redis lint fmt clean bench
 

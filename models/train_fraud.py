@@ -40,9 +40,7 @@ def _candidates(seed: int) -> dict[str, tuple[Any, str]]:
     """Version -> (unfitted estimator, manifest description)."""
     return {
         "v1": (
-            Pipeline(
-                [("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=1000))]
-            ),
+            Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=1000))]),
             "Card fraud score: logistic regression on standardized features (baseline).",
         ),
         # GradientBoostingClassifier rather than HistGradientBoosting: skl2onnx 1.20's
@@ -63,7 +61,7 @@ def _candidates(seed: int) -> dict[str, tuple[Any, str]]:
 
 def _to_onnx(model: Any, n_features: int) -> onnx.ModelProto:
     """Convert with one float32 input `features` [None, F]; outputs `label`, `probabilities`."""
-    onx = to_onnx(
+    onx: onnx.ModelProto = to_onnx(
         model,
         initial_types=[("features", FloatTensorType([None, n_features]))],
         options={id(model): {"zipmap": False}},

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,7 +35,6 @@ from serving.settings import BatchingOverride, Settings
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Reconfigure = Callable[[str, str, BatchingOverride], Awaitable[None]]
 
 
@@ -50,8 +48,15 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def request_id(request: Request) -> str:
+    """The request's id. Behind Ray Serve's proxy the header is always present (the
+    proxy adds one when the client did not, and echoes it in the response)."""
     rid = request.headers.get("x-request-id")
-    return rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
+    return rid[:128] if rid else uuid.uuid4().hex
+
+
+def _id_header(request: Request, rid: str) -> dict[str, str]:
+    # Set it ourselves only when no proxy did: a second copy would make a list.
+    return {} if "x-request-id" in request.headers else {"x-request-id": rid}
 
 
 def server_timing(timings: dict[str, float]) -> str:
@@ -118,7 +123,7 @@ def build_http_app(
 
     @app.exception_handler(ServingError)
     async def _serving_error(request: Request, exc: ServingError) -> Response:
-        return _json(exc.to_dict(), exc.http_status, {"x-request-id": request_id(request)})
+        return _json(exc.to_dict(), exc.http_status, _id_header(request, request_id(request)))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -144,10 +149,10 @@ def build_http_app(
         return _json(
             {"error": {"code": "internal", "message": f"internal error (request {rid})"}},
             500,
-            {"x-request-id": rid},
+            _id_header(request, rid),
         )
 
-    def _answer(pred: Prediction, rid: str) -> Response:
+    def _answer(request: Request, pred: Prediction, rid: str) -> Response:
         body = {
             "predictions": pred.predictions,
             "model": pred.model,
@@ -157,7 +162,7 @@ def build_http_app(
         return _json(
             body,
             headers={
-                "x-request-id": rid,
+                **_id_header(request, rid),
                 "server-timing": server_timing(pred.timings),
                 "x-serving-batch-size": str(pred.batch_size),
             },
@@ -174,7 +179,7 @@ def build_http_app(
         # Reading and parsing the body counts as decode time.
         pred.timings["decode"] += read_s
         pred.timings["total"] = time.perf_counter() - t0
-        return _answer(pred, rid)
+        return _answer(request, pred, rid)
 
     predict_doc: dict[str, Any] = {
         "requestBody": {

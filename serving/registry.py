@@ -165,7 +165,7 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """Write a manifest (used by the training scripts), validated on the way out."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MANIFEST
-    data = manifest.model_dump(mode="json", exclude_defaults=False)
+    data = manifest.model_dump(mode="json", exclude_none=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

@@ -194,7 +194,7 @@ def test_headers_request_id_and_server_timing(gateway: GatewayUnderTest) -> None
     stages = {part.split(";")[0].strip() for part in r.headers["server-timing"].split(",")}
     assert {"decode", "queue", "infer", "hop", "encode", "total"} <= stages
     r = post(gateway, "/v1/models/nope:predict", {"instances": [[1]]})
-    assert len(r.headers["x-request-id"]) == 32
+    assert r.headers["x-request-id"]  # generated when the client sent none
 
 
 def test_status_endpoints(gateway: GatewayUnderTest) -> None:

@@ -1,0 +1,150 @@
+"""The `serving` command against a running gateway, and `serving up` itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.e2e.conftest import TOKEN, GatewayUnderTest, free_port
+
+pytestmark = pytest.mark.e2e
+SERVING = [sys.executable, "-m", "serving.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SERVING, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def test_cli_predict_and_models_list(gateway: GatewayUnderTest, tmp_path: Path) -> None:
+    x = np.load(gateway.registry / "fraud" / "heldout.npz")["X"][:3]
+    file = tmp_path / "req.json"
+    file.write_text(json.dumps({"instances": x.tolist()}))
+    out = run(
+        "predict",
+        "fraud",
+        "--version",
+        "v1",
+        "--instances",
+        f"@{file}",
+        "--json",
+        "--url",
+        gateway.url,
+    )
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["version"] == "v1" and len(body["predictions"]) == 3
+    out = run("predict", "nope", "-i", "[[1]]", "--url", gateway.url)
+    assert out.returncode == 1 and "404 not_found" in out.stderr
+    out = run("predict", "fraud", "-i", "[[1,", "--url", gateway.url)
+    assert out.returncode == 1 and "not valid JSON" in out.stderr
+    out = run("models", "list", "--url", gateway.url)
+    assert out.returncode == 0, out.stderr
+    assert "fraud" in out.stdout and "digits" in out.stdout and "AVAILABLE" in out.stdout
+
+
+def test_cli_batching_show_and_set(gateway: GatewayUnderTest) -> None:
+    env = {"SERVING_ADMIN_TOKEN": TOKEN}
+    out = run("models", "batching", "fraud", "-v", "v1", "--url", gateway.url, env=env)
+    assert out.returncode == 0, out.stderr
+    before = json.loads(out.stdout)
+    out = run(
+        "models",
+        "batching",
+        "fraud",
+        "-v",
+        "v1",
+        "--batch-wait-ms",
+        "3",
+        "--url",
+        gateway.url,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    out = run("models", "batching", "fraud", "-v", "v1", "--url", gateway.url, env=env)
+    after = json.loads(out.stdout)
+    assert after["batch_wait_timeout_s"] == pytest.approx(0.003)
+    assert after["replica"] == before["replica"]
+    out = run(
+        "models",
+        "batching",
+        "fraud",
+        "-v",
+        "v1",
+        "--url",
+        gateway.url,
+        env={"SERVING_ADMIN_TOKEN": "wrong"},
+    )
+    assert out.returncode == 1 and "401" in out.stderr
+
+
+def test_cli_unreachable_gateway_is_a_clear_error() -> None:
+    out = run("models", "list", "--url", f"http://127.0.0.1:{free_port()}")
+    assert out.returncode == 1 and "cannot reach the gateway" in out.stderr
+
+
+def test_serving_up_serves_then_stops_on_sigterm(registry_root: Path, tmp_path: Path) -> None:
+    """`serving up` as `make up` runs it: its own local Ray, deploy, ready, SIGTERM."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        {
+            "SERVING_HTTP_PORT": str(port),
+            "SERVING_ADMIN_TOKEN_FILE": str(tmp_path / "token"),
+            "SERVING_RAY_NUM_CPUS": "4",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    proc = subprocess.Popen(
+        [*SERVING, "up"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("ready"):
+                break
+        assert any(line.startswith("ready") for line in lines), "".join(lines[-30:])
+        assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+        x = np.load(registry_root / "digits" / "heldout.npz")["X"][:2]
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/models/digits:predict",
+            json={"instances": x.tolist()},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, rest[-3000:]
+        assert "stopped." in rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
