@@ -24,6 +24,7 @@ class Demo:
     versions: tuple[str, ...]
     artifact: str
     module: str  # training module exposing build(root) and the same NAME/VERSIONS/ARTIFACT
+    extra: tuple[str, ...] = ()  # other files the build writes under <root>/<name>/
 
     def build(self, root: Path) -> None:
         # Imported only when needed: the up-to-date check stays fast (no torch/sklearn).
@@ -34,7 +35,13 @@ class Demo:
 
 
 DEMOS = [
-    Demo("fraud", ("v1", "v2"), "model.onnx", "models.train_fraud"),
+    Demo(
+        "fraud",
+        ("v1", "v2"),
+        "model.onnx",
+        "models.train_fraud",
+        ("features/user_stats.csv", "features/merchant_stats.csv"),
+    ),
     Demo("digits", ("v1",), "model.pt", "models.train_digits"),
 ]
 
@@ -42,9 +49,13 @@ DEMOS = [
 def is_built(root: Path, demo: Demo) -> bool:
     """Every version has its manifest and artifact, and the held-out set is there."""
     folder = root / demo.name
-    return (folder / HELDOUT).is_file() and all(
-        (folder / v / MANIFEST).is_file() and (folder / v / demo.artifact).is_file()
-        for v in demo.versions
+    return (
+        (folder / HELDOUT).is_file()
+        and all((folder / e).is_file() for e in demo.extra)
+        and all(
+            (folder / v / MANIFEST).is_file() and (folder / v / demo.artifact).is_file()
+            for v in demo.versions
+        )
     )
 
 

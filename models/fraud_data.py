@@ -9,22 +9,35 @@ card testing), so a tree ensemble has signal to find that a linear model misses.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from serving.features import (
+    FeatureConfig,
+    FeatureView,
+    RequestField,
+    StoredFeature,
+    build_vectors,
+)
 
 Table = dict[str, np.ndarray]
 
 TXN_COLUMNS = ["amount", "hour", "is_foreign", "card_present"]
 USER_STATS = ["txn_count_30d", "avg_amount_30d", "chargeback_rate_90d", "account_age_days"]
 MERCHANT_STATS = ["fraud_rate_30d", "txn_count_30d", "category_risk"]
-FEATURE_COLUMNS: list[str] = [
+# The model input's columns: request fields, then `<view>.<feature>` from the store.
+COLUMNS: list[str] = [
     *TXN_COLUMNS,
-    *(f"user_{s}" for s in USER_STATS),
-    *(f"merchant_{s}" for s in MERCHANT_STATS),
+    *(f"user_stats.{s}" for s in USER_STATS),
+    *(f"merchant_stats.{s}" for s in MERCHANT_STATS),
 ]
+MAX_AGE_S = 7 * 24 * 3600.0
 
 # Risk level of each merchant category (groceries ... gift cards, crypto exchanges).
 _CATEGORY_RISK = np.array([0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 0.9])
@@ -52,29 +65,83 @@ def generate(n_transactions: int, seed: int) -> FraudData:
     return FraudData(users, merchants, _transactions(rng, n_transactions, users, merchants))
 
 
-def join_features(
-    transactions: Mapping[str, np.ndarray],
-    users: Mapping[str, np.ndarray],
-    merchants: Mapping[str, np.ndarray],
-) -> npt.NDArray[np.float32]:
-    """Join each transaction with its user's and merchant's stats: float32 [N, F].
+def feature_config(data: FraudData) -> FeatureConfig:
+    """The manifest's `features` section: request fields, the two views, and defaults
+    (each stored feature's median) used when an entity is missing or stale."""
 
-    `users` and `merchants` are tables keyed by `user_id` / `merchant_id` holding at least
-    the rows the transactions refer to (the whole table, or rows fetched from a store);
-    columns come out in FEATURE_COLUMNS order. An unknown id raises KeyError.
-    """
-    u = _rows(users["user_id"], transactions["user_id"], "user")
-    m = _rows(merchants["merchant_id"], transactions["merchant_id"], "merchant")
-    cols = [np.asarray(transactions[c]) for c in TXN_COLUMNS]
-    cols += [np.asarray(users[s])[u] for s in USER_STATS]
-    cols += [np.asarray(merchants[s])[m] for s in MERCHANT_STATS]
-    return np.stack(cols, axis=1).astype(np.float32)
+    def view(name: str, entity: str, table: Table, stats: list[str]) -> FeatureView:
+        return FeatureView(
+            name=name,
+            entity=entity,
+            max_age_s=MAX_AGE_S,
+            features=[
+                StoredFeature(name=s, default=round(float(np.median(table[s])), 6)) for s in stats
+            ],
+        )
+
+    return FeatureConfig(
+        input="features",
+        policy="default",
+        request=[
+            RequestField(name="amount", min=0.0),
+            RequestField(name="hour", dtype="int64", min=0, max=23),
+            RequestField(name="is_foreign", dtype="int64", min=0, max=1),
+            RequestField(name="card_present", dtype="int64", min=0, max=1),
+        ],
+        views=[
+            view("user_stats", "user_id", data.users, USER_STATS),
+            view("merchant_stats", "merchant_id", data.merchants, MERCHANT_STATS),
+        ],
+    )
+
+
+def raw_records(transactions: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Transactions as the gateway receives them: entity keys plus request fields."""
+    cols = {
+        c: np.asarray(transactions[c]).tolist() for c in ("user_id", "merchant_id", *TXN_COLUMNS)
+    }
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+
+def stored_rows(table: Table, key: str, ids: list[str]) -> list[dict[str, float] | None]:
+    """Each id's row of a stats table (what Redis holds for it), None if unknown."""
+    stats = [c for c in table if c != key]
+    index = {k: i for i, k in enumerate(np.asarray(table[key]).tolist())}
+    return [
+        None if i is None else {s: float(table[s][i]) for s in stats}
+        for i in (index.get(k) for k in ids)
+    ]
 
 
 def flatten(data: FraudData) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """Feature matrix X (float32 [N, F], FEATURE_COLUMNS order) and labels y (int64 [N])."""
-    x = join_features(data.transactions, data.users, data.merchants)
-    return x, data.transactions["label"].astype(np.int64)
+    """Feature matrix X (float32 [N, F], COLUMNS order) and labels y (int64 [N]), built by
+    the gateway's own transformation (`serving.features.build_vectors`)."""
+    raw = raw_records(data.transactions)
+    return vectors(feature_config(data), raw, data), data.transactions["label"].astype(np.int64)
+
+
+def vectors(
+    cfg: FeatureConfig, raw: list[dict[str, Any]], data: FraudData
+) -> npt.NDArray[np.float32]:
+    stored = {
+        "user_stats": stored_rows(data.users, "user_id", [r["user_id"] for r in raw]),
+        "merchant_stats": stored_rows(
+            data.merchants, "merchant_id", [r["merchant_id"] for r in raw]
+        ),
+    }
+    x: npt.NDArray[np.float32] = build_vectors(cfg.resolve_columns(COLUMNS), raw, stored)
+    return x
+
+
+def write_feature_tables(data: FraudData, folder: Path) -> None:
+    """CSV files for `serving features load`: one row per entity, stats as columns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, table in (("user_stats", data.users), ("merchant_stats", data.merchants)):
+        cols = list(table)
+        with (folder / f"{name}.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            w.writerows(zip(*(np.asarray(table[c]).tolist() for c in cols)))
 
 
 def _rows(ids: np.ndarray, wanted: np.ndarray, kind: str) -> npt.NDArray[np.intp]:

@@ -29,6 +29,7 @@ NAME = "fraud"
 VERSIONS = ("v1", "v2")
 ARTIFACT = "model.onnx"
 HELDOUT = "heldout.npz"
+FEATURES_DIR = "features"  # user_stats.csv, merchant_stats.csv for `serving features load`
 N_TRANSACTIONS = 60_000
 TEST_SIZE = 0.2
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
@@ -108,11 +109,13 @@ def _metrics(y: npt.NDArray[np.int64], label: np.ndarray, proba: np.ndarray) -> 
 def build(root: Path, seed: int = 7) -> None:
     """Train, verify and write `root/fraud/{v1,v2}` and `root/fraud/heldout.npz`."""
     data = fraud_data.generate(N_TRANSACTIONS, seed)
+    features = fraud_data.feature_config(data)
     x, y = fraud_data.flatten(data)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=TEST_SIZE, stratify=y, random_state=seed
+    idx_train, idx_test = train_test_split(
+        np.arange(len(y)), test_size=TEST_SIZE, stratify=y, random_state=seed
     )
-    n_features = len(fraud_data.FEATURE_COLUMNS)
+    x_train, x_test, y_train, y_test = x[idx_train], x[idx_test], y[idx_train], y[idx_test]
+    n_features = len(fraud_data.COLUMNS)
 
     built: dict[str, tuple[onnx.ModelProto, Manifest]] = {}
     for version, (model, description) in _candidates(seed).items():
@@ -133,9 +136,10 @@ def build(root: Path, seed: int = 7) -> None:
                     name="features",
                     dtype="float32",
                     shape=[n_features],
-                    columns=fraud_data.FEATURE_COLUMNS,
+                    columns=fraud_data.COLUMNS,
                 )
             ],
+            features=features,
             outputs=[
                 TensorSpec(name="label", dtype="int64", shape=[]),
                 TensorSpec(name="probabilities", dtype="float32", shape=[2]),
@@ -162,4 +166,10 @@ def build(root: Path, seed: int = 7) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / ARTIFACT).write_bytes(onx.SerializeToString())
         write_manifest(folder, manifest)
-    np.savez_compressed(root / NAME / HELDOUT, X=x_test, y=y_test)
+    # Held-out records in both forms: raw (what a client sends) and the vectors.
+    raw = {
+        c: np.asarray(data.transactions[c])[idx_test]
+        for c in ("user_id", "merchant_id", *fraud_data.TXN_COLUMNS)
+    }
+    np.savez_compressed(root / NAME / HELDOUT, X=x_test, y=y_test, **raw)
+    fraud_data.write_feature_tables(data, root / NAME / FEATURES_DIR)

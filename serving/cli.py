@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.errors import ConfigError
-from serving.settings import Settings, load_deployment
+from serving.feature_cli import features_app
+from serving.settings import DeploymentFile, Settings, load_deployment
 
 app = typer.Typer(help="Low-latency model serving gateway.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and tune served models.", no_args_is_help=True)
@@ -29,6 +30,7 @@ redis_app = typer.Typer(help="Redis helpers.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(redis_app, name="redis")
+app.add_typer(features_app, name="features")
 
 console = Console()
 err = Console(stderr=True)
@@ -93,6 +95,11 @@ def up(
         console.print(f"\n[yellow]received {signal.Signals(signum).name}, shutting down…[/]")
         stop.set()
 
+    try:
+        bootstrap_feature_tables(settings, dep)
+    except Exception as exc:  # Redis down or a bad table: say so, but still serve
+        err.print(f"[yellow]warning:[/] feature tables not loaded: {exc}")
+
     joined = settings.ray_address is not None
     console.print(
         f"[bold]serving up[/] config={settings.config} registry={dep.registry} "
@@ -141,6 +148,34 @@ def up(
             serve.shutdown()
         ray.shutdown()
         console.print("stopped.")
+
+
+def bootstrap_feature_tables(settings: Settings, dep: DeploymentFile) -> None:
+    """Load each of the deployment's feature tables whose first entity is absent."""
+    import redis
+
+    from serving import materialize
+    from serving.features import redis_key
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    for table in dep.feature_tables:
+        view = materialize.find_view(dep.registry, table.view)
+        first = next(iter(materialize.read_rows(table.path)), None)
+        if first is None:
+            continue
+        entity = materialize.normalize_entity(first[1][table.entity_column or view.entity])
+        if entity is not None and client.exists(
+            redis_key(settings.feature_namespace, view.name, entity)
+        ):
+            console.print(f"features: view {view.name} already loaded")
+            continue
+        report = materialize.load(
+            settings.redis_url, settings.feature_namespace, view, table.path, table.entity_column
+        )
+        console.print(
+            f"features: loaded {report.rows} rows into {view.name} "
+            f"({report.rows_per_s:,.0f} rows/s)"
+        )
 
 
 def _wait_ready(url: str, timeout_s: float) -> None:

@@ -85,6 +85,14 @@ class Overloaded(ServingError):
     code = "overloaded"
 
 
+class FeatureStoreUnavailable(ServingError):
+    """Features could not be read in time and the model's policy is `reject`."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code = "feature_store_unavailable"
+
+
 class DeadlineExceeded(ServingError):
     http_status = 504
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -153,12 +153,15 @@ def build_http_app(
         )
 
     def _answer(request: Request, pred: Prediction, rid: str) -> Response:
-        body = {
+        body: dict[str, Any] = {
             "predictions": pred.predictions,
             "model": pred.model,
             "version": pred.version,
             "request_id": rid,
         }
+        if pred.degraded:
+            body["degraded"] = True
+            body["degraded_reasons"] = pred.degraded
         return _json(
             body,
             headers={

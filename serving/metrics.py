@@ -38,6 +38,22 @@ class Metrics:
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=("model", "version", "stage"),
         )
+        self.feature_lookups = Counter(
+            "serving_feature_lookups_total",
+            description="Feature entity lookups by view and outcome "
+            "(hit, miss, stale, timeout, error).",
+            tag_keys=("view", "outcome"),
+        )
+        self.feature_latency = Histogram(
+            "serving_feature_lookup_duration_seconds",
+            description="One request's pipelined feature round trip to Redis.",
+            boundaries=LATENCY_BUCKETS_S,
+        )
+        self.degraded = Counter(
+            "serving_degraded_responses_total",
+            description="Answers given with default features, by the first reason.",
+            tag_keys=("model", "version", "reason"),
+        )
         self.batch_size = Histogram(
             "serving_batch_size",
             description="Instances per batch run by a model replica.",

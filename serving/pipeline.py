@@ -16,15 +16,19 @@ from typing import Any, Protocol
 
 from serving.errors import (
     DeadlineExceeded,
+    FeatureStoreUnavailable,
+    InvalidInput,
     ModelError,
     NotFound,
     NotReady,
     Overloaded,
     ServingError,
 )
+from serving.feature_store import Problem, RedisFeatureStore
+from serving.features import build_vectors
 from serving.metrics import metrics
 from serving.registry import Manifest, Registry
-from serving.schemas import decode_instances, encode_predictions
+from serving.schemas import Arrays, decode_instances, decode_records, encode_predictions
 from serving.settings import DeploymentFile, Settings
 
 log = logging.getLogger(__name__)
@@ -52,10 +56,18 @@ class Prediction:
     batch_size: int
     # Stage name → seconds, in the order the stages ran.
     timings: dict[str, float] = field(default_factory=dict)
+    # Why default features were used ("<view>:<outcome>:<entity>"); empty when not.
+    degraded: list[str] = field(default_factory=list)
 
 
 class Pipeline:
-    def __init__(self, dep: DeploymentFile, settings: Settings, handles: HandleFactory) -> None:
+    def __init__(
+        self,
+        dep: DeploymentFile,
+        settings: Settings,
+        handles: HandleFactory,
+        features: RedisFeatureStore | None = None,
+    ) -> None:
         self._settings = settings
         self._dep = dep
         self._handles_factory = handles
@@ -67,6 +79,21 @@ class Pipeline:
             for m, cfg in dep.models.items()
             for v in cfg.versions
         }
+        # Column sources of feature-backed models, resolved once.
+        self._columns = {
+            key: m.features.resolve_columns(m.inputs[0].columns or [])
+            for key, m in self.manifests.items()
+            if m.features is not None
+        }
+        if features is None and self._columns:
+            features = RedisFeatureStore(
+                settings.redis_url,
+                settings.feature_namespace,
+                timeout_s=settings.feature_timeout_s,
+                cache_ttl_s=settings.feature_cache_ttl_s,
+                max_connections=settings.redis_max_connections,
+            )
+        self._features = features
 
     # ---- routing -------------------------------------------------------------------
     def resolve(self, model: str, version: str | None) -> tuple[str, Manifest]:
@@ -106,9 +133,16 @@ class Pipeline:
         )
         v = version
         code = "ok"
+        degraded: list[str] = []
+        t_features = 0.0
         try:
             v, manifest = self.resolve(model, version)
-            arrays = decode_instances(manifest.inputs, instances, self._settings.max_instances)
+            if manifest.features is None:
+                arrays = decode_instances(manifest.inputs, instances, self._settings.max_instances)
+            else:
+                tf = time.perf_counter()
+                arrays, degraded = await self._with_features(model, v, manifest, instances)
+                t_features = time.perf_counter() - tf
             t_decoded = time.perf_counter()
             result = await self._call(model, v, "predict", deadline - (t_decoded - t0), arrays)
             t_called = time.perf_counter()
@@ -122,7 +156,8 @@ class Pipeline:
                 1, tags={"model": model, "version": v or "", "protocol": protocol, "code": code}
             )
         timings = {
-            "decode": t_decoded - t0,
+            "decode": t_decoded - t0 - t_features,
+            "features": t_features,
             "queue": result.queue_s,
             "infer": result.infer_s,
             # Ray's hop there and back plus what the replica spends outside the batch.
@@ -136,7 +171,28 @@ class Pipeline:
         for stage, secs in timings.items():
             if stage != "total":
                 m.stage.observe(secs, tags={**tags, "stage": stage})
-        return Prediction(predictions, model, v, result.batch_size, timings)
+        if degraded:
+            m.degraded.inc(1, tags={**tags, "reason": degraded[0].split(":")[1]})
+        return Prediction(predictions, model, v, result.batch_size, timings, degraded)
+
+    async def _with_features(
+        self, model: str, version: str, manifest: Manifest, instances: Any
+    ) -> tuple[Arrays, list[str]]:
+        """Entity keys + request fields → stored features (one round trip) → vectors,
+        applying the model's policy to whatever was missing, stale or unreachable."""
+        cfg = manifest.features
+        assert cfg is not None and self._features is not None
+        raw = decode_records(cfg, instances, self._settings.max_instances)
+        stored, problems = await self._features.lookup(cfg, raw)
+        degraded: list[str] = []
+        if problems:
+            if cfg.policy == "reject":
+                raise _rejection(cfg.view(problems[0].view).entity, problems)
+            degraded = [f"{p.view}:{p.outcome}:{p.entity}" for p in problems[:10]]
+        vectors = build_vectors(
+            self._columns[(model, version)], raw, stored, manifest.inputs[0].dtype
+        )
+        return {cfg.input: vectors}, degraded
 
     async def _call(
         self, model: str, version: str, method: str, timeout_s: float, *args: Any
@@ -197,6 +253,19 @@ class Pipeline:
 
     def served_versions(self, model: str) -> list[str]:
         return list(self._dep.models[model].versions)
+
+
+def _rejection(entity_field: str, problems: list[Problem]) -> Exception:
+    p = next((p for p in problems if p.outcome in ("timeout", "error")), problems[0])
+    if p.outcome in ("timeout", "error"):
+        return FeatureStoreUnavailable(
+            f"feature store {p.outcome} for view {p.view!r} (entity {p.entity!r}); "
+            "this model's policy rejects requests without features"
+        )
+    return InvalidInput(
+        f"{p.outcome} features for {entity_field}={p.entity!r} in view {p.view!r}",
+        field=f"instances[{p.index}].{entity_field}",
+    )
 
 
 async def _wait(response: Any) -> Any:

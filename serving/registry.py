@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.errors import ConfigError
+from serving.features import FeatureConfig
 from serving.settings import WarmupConfig, read_yaml, validate_file
 
 MANIFEST = "model.yaml"
@@ -104,6 +105,9 @@ class Manifest(BaseModel):
     batching: Batching = Batching()
     resources: Resources = Resources()
     warmup: WarmupConfig = WarmupConfig()
+    # Online features: when set, instances carry entity keys and request fields, and the
+    # gateway builds the input named `features.input` from them and the feature store.
+    features: FeatureConfig | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     training: dict[str, str | int | float] = Field(default_factory=dict)
 
@@ -128,6 +132,18 @@ class Manifest(BaseModel):
             names = [s.name for s in specs]
             if len(set(names)) != len(names):
                 raise ValueError(f"{kind} names must be unique")
+        return self
+
+    @model_validator(mode="after")
+    def _features_fill_one_input(self) -> Manifest:
+        if self.features is None:
+            return self
+        if len(self.inputs) != 1 or self.inputs[0].name != self.features.input:
+            raise ValueError("features.input must name the model's only input")
+        columns = self.inputs[0].columns
+        if columns is None:
+            raise ValueError("features.input needs `columns` naming each element")
+        self.features.resolve_columns(columns)
         return self
 
 

@@ -7,12 +7,14 @@ do we walk the instances one by one, to name the exact field that is wrong.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from serving.errors import InvalidInput, MalformedRequest, PayloadTooLarge
+from serving.features import FeatureConfig
 from serving.registry import TensorSpec
 
 Arrays = dict[str, np.ndarray]
@@ -158,8 +160,7 @@ def _gather(instances: list[Any], specs: list[TensorSpec]) -> tuple[dict[str, li
     return values, bare
 
 
-def decode_instances(specs: list[TensorSpec], instances: Any, max_instances: int) -> Arrays:
-    """Validate `instances` against the input specs and return one array per input."""
+def _check_envelope(instances: Any, max_instances: int) -> list[Any]:
     if not isinstance(instances, list):
         raise MalformedRequest("'instances' must be a list", field="instances")
     if not instances:
@@ -169,6 +170,12 @@ def decode_instances(specs: list[TensorSpec], instances: Any, max_instances: int
             f"{len(instances)} instances exceed the limit of {max_instances} per request",
             field="instances",
         )
+    return instances
+
+
+def decode_instances(specs: list[TensorSpec], instances: Any, max_instances: int) -> Arrays:
+    """Validate `instances` against the input specs and return one array per input."""
+    instances = _check_envelope(instances, max_instances)
     values, bare = _gather(instances, specs)
     out: Arrays = {}
     for spec in specs:
@@ -209,6 +216,55 @@ def _locate_error(vals: list[Any], spec: TensorSpec, bare: bool) -> None:
                     _field(i, spec, bare, c),
                 )
         _check_value(v, spec, _field(i, spec, bare))
+
+
+def decode_records(cfg: FeatureConfig, instances: Any, max_instances: int) -> list[dict[str, Any]]:
+    """Validate instances of a feature-backed model: entity keys plus request fields."""
+    instances = _check_envelope(instances, max_instances)
+    keys = list(dict.fromkeys(v.entity for v in cfg.views))
+    allowed = set(cfg.instance_fields())
+    out: list[dict[str, Any]] = []
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, dict):
+            raise InvalidInput(
+                f"instances[{i}]: expected an object with fields "
+                + ", ".join(cfg.instance_fields()),
+                field=f"instances[{i}]",
+            )
+        extra = set(inst) - allowed
+        if extra:
+            bad = sorted(extra)[0]
+            raise InvalidInput(
+                f"instances[{i}]: unknown field {bad!r}", field=f"instances[{i}].{bad}"
+            )
+        rec: dict[str, Any] = {}
+        for k in keys:
+            v = inst.get(k)
+            where = f"instances[{i}].{k}"
+            if isinstance(v, bool) or not isinstance(v, (str, int)) or v == "":
+                got = "missing" if k not in inst else _describe(v)
+                raise InvalidInput(
+                    f"{where}: expected a non-empty id string, got {got}", field=where
+                )
+            if len(str(v)) > 256:
+                raise InvalidInput(f"{where}: id longer than 256 characters", field=where)
+            rec[k] = str(v)
+        for f in cfg.request:
+            where = f"instances[{i}].{f.name}"
+            if f.name not in inst:
+                raise InvalidInput(f"{where}: missing field", field=where)
+            v = inst[f.name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise InvalidInput(f"{where}: expected a number, got {_describe(v)}", field=where)
+            if not math.isfinite(v):
+                raise InvalidInput(f"{where}: NaN or infinity is not allowed", field=where)
+            if f.dtype.startswith("int") and v != int(v):
+                raise InvalidInput(f"{where}: expected an integer", field=where)
+            if (f.min is not None and v < f.min) or (f.max is not None and v > f.max):
+                raise InvalidInput(f"{where}: {v} is outside [{f.min}, {f.max}]", field=where)
+            rec[f.name] = v
+        out.append(rec)
+    return out
 
 
 def encode_predictions(specs: list[TensorSpec], outputs: Arrays) -> list[Any]:

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     torch_threads: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    # Online features (Redis). Keys are "<feature_namespace>:fv:<view>:<entity id>".
+    feature_namespace: str = "serving"
+    # Deadline for one request's feature round trip; past it the model's policy applies.
+    feature_timeout_s: float = 0.020
+    # In-process cache of looked-up entities (seconds; 0 turns it off).
+    feature_cache_ttl_s: float = 0.0
+    redis_max_connections: int = 16
+
     admin_token: str | None = None
     admin_token_file: Path = Path.home() / ".config" / "serving" / "admin-token"
 
@@ -130,12 +138,23 @@ class IngressConfig(BaseModel):
     max_ongoing_requests: int = Field(default=512, ge=1)
 
 
+class FeatureTable(BaseModel):
+    """A feature table `serving up` loads into Redis when its entities are absent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    view: str
+    path: Path
+    entity_column: str | None = None
+
+
 class DeploymentFile(BaseModel):
     """Schema of `deployments/*.yaml`."""
 
     model_config = ConfigDict(extra="forbid")
 
     registry: Path = Path("models")
+    feature_tables: list[FeatureTable] = Field(default_factory=list)
     ingress: IngressConfig = IngressConfig()
     models: dict[str, ModelConfig]
 

@@ -14,7 +14,9 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import RedisServer
 from tests.e2e.conftest import TOKEN, GatewayUnderTest, free_port
+from tests.e2e.test_gateway import records
 
 pytestmark = pytest.mark.e2e
 SERVING = [sys.executable, "-m", "serving.cli"]
@@ -33,9 +35,8 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_cli_predict_and_models_list(gateway: GatewayUnderTest, tmp_path: Path) -> None:
-    x = np.load(gateway.registry / "fraud" / "heldout.npz")["X"][:3]
     file = tmp_path / "req.json"
-    file.write_text(json.dumps({"instances": x.tolist()}))
+    file.write_text(json.dumps({"instances": records(gateway.registry, 3)}))
     out = run(
         "predict",
         "fraud",
@@ -99,7 +100,9 @@ def test_cli_unreachable_gateway_is_a_clear_error() -> None:
     assert out.returncode == 1 and "cannot reach the gateway" in out.stderr
 
 
-def test_serving_up_serves_then_stops_on_sigterm(registry_root: Path, tmp_path: Path) -> None:
+def test_serving_up_serves_then_stops_on_sigterm(
+    registry_root: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
     """`serving up` as `make up` runs it: its own local Ray, deploy, ready, SIGTERM."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -108,6 +111,8 @@ def test_serving_up_serves_then_stops_on_sigterm(registry_root: Path, tmp_path: 
             "SERVING_HTTP_PORT": str(port),
             "SERVING_ADMIN_TOKEN_FILE": str(tmp_path / "token"),
             "SERVING_RAY_NUM_CPUS": "4",
+            "SERVING_REDIS_URL": redis_server.url,
+            "SERVING_FEATURE_NAMESPACE": "up-test",  # empty: `serving up` loads the tables
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -133,6 +138,12 @@ def test_serving_up_serves_then_stops_on_sigterm(registry_root: Path, tmp_path: 
                 break
         assert any(line.startswith("ready") for line in lines), "".join(lines[-30:])
         assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+        assert any("loaded" in line and "user_stats" in line for line in lines), lines
+        rec = records(registry_root, 1)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/models/fraud:predict", json={"instances": rec}, timeout=30
+        )
+        assert r.status_code == 200 and "degraded" not in r.json(), r.text
         x = np.load(registry_root / "digits" / "heldout.npz")["X"][:2]
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/models/digits:predict",

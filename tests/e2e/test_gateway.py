@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,16 @@ pytestmark = pytest.mark.e2e
 def heldout(registry: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
     data = np.load(registry / model / "heldout.npz")
     return data["X"], data["y"]
+
+
+RAW = ("user_id", "merchant_id", "amount", "hour", "is_foreign", "card_present")
+
+
+def records(registry: Path, n: int) -> list[dict[str, object]]:
+    """Held-out fraud transactions as a client sends them: entity keys + request fields."""
+    data = np.load(registry / "fraud" / "heldout.npz")
+    cols = {c: data[c][:n].tolist() for c in RAW}
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
 def direct(registry: Path, model: str, version: str, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -42,31 +53,96 @@ def test_readyz_said_503_naming_the_warming_version_before_200(gateway: GatewayU
 
 
 @pytest.mark.parametrize(("model", "version"), [("fraud", "v1"), ("fraud", "v2")])
-def test_fraud_predictions_equal_the_runtime(
+def test_fraud_from_entity_keys_equals_the_offline_vectors(
     gateway: GatewayUnderTest, model: str, version: str
 ) -> None:
+    """Features come from Redis; the answer equals the runtime's on the vectors the
+    training pipeline built offline from the same records."""
     x, _ = heldout(gateway.registry, model)
-    x = x[:200]
-    want = direct(gateway.registry, model, version, x)
-    r = post(gateway, f"/v1/models/{model}/versions/{version}:predict", {"instances": x.tolist()})
+    want = direct(gateway.registry, model, version, x[:200])
+    r = post(
+        gateway,
+        f"/v1/models/{model}/versions/{version}:predict",
+        {"instances": records(gateway.registry, 200)},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["model"], body["version"]) == (model, version)
+    assert "degraded" not in body
     got_probs = np.array([p["probabilities"] for p in body["predictions"]], dtype=np.float32)
     got_labels = np.array([p["label"] for p in body["predictions"]])
     np.testing.assert_allclose(got_probs, want["probabilities"], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(got_labels, want["label"])
+    assert "features;dur=" in r.headers["server-timing"]
 
 
-def test_fraud_instances_as_named_columns(gateway: GatewayUnderTest) -> None:
-    x, _ = heldout(gateway.registry, "fraud")
-    columns = Registry(gateway.registry).get("fraud", "v2").manifest.inputs[0].columns
-    assert columns
-    named = [dict(zip(columns, row)) for row in x[:5].tolist()]
-    a = post(gateway, "/v1/models/fraud:predict", {"instances": named}).json()
-    b = post(gateway, "/v1/models/fraud:predict", {"instances": x[:5].tolist()}).json()
-    assert a["version"] == "v2"  # the default version
-    assert a["predictions"] == b["predictions"]
+def _defaults_vector(gateway: GatewayUnderTest, rec: dict[str, object]) -> np.ndarray:
+    from serving.features import build_vectors
+
+    manifest = Registry(gateway.registry).get("fraud", "v2").manifest
+    assert manifest.features is not None
+    columns = manifest.features.resolve_columns(manifest.inputs[0].columns or [])
+    return build_vectors(columns, [rec], {"user_stats": [None], "merchant_stats": [None]})
+
+
+def test_unknown_entity_follows_the_policy(gateway: GatewayUnderTest) -> None:
+    rec = {**records(gateway.registry, 1)[0], "user_id": "u-unknown", "merchant_id": "m-nope"}
+    r = post(gateway, "/v1/models/fraud/versions/v2:predict", {"instances": [rec]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["degraded"] is True
+    assert body["degraded_reasons"] == ["user_stats:miss:u-unknown", "merchant_stats:miss:m-nope"]
+    want = direct(gateway.registry, "fraud", "v2", _defaults_vector(gateway, rec))
+    np.testing.assert_allclose(
+        body["predictions"][0]["probabilities"], want["probabilities"][0], rtol=1e-6
+    )
+    # The `reject` policy names the view and key instead.
+    err = _error(
+        post(
+            gateway,
+            "/v1/models/fraud/versions/v1strict:predict",
+            {"instances": [records(gateway.registry, 1)[0], rec]},
+        ),
+        422,
+    )
+    assert err["field"] == "instances[1].user_id"
+    assert "u-unknown" in err["message"] and "user_stats" in err["message"]
+
+
+def test_redis_down_then_back(gateway: GatewayUnderTest) -> None:
+    """Redis stopped: every answer within the deadline plus a margin, per policy.
+    Redis restarted (empty, then reloaded): lookups recover without a gateway restart."""
+    from serving import materialize
+
+    recs = records(gateway.registry, 3)
+    gateway.redis.stop()
+    try:
+        for _ in range(5):
+            t0 = time.monotonic()
+            r = post(gateway, "/v1/models/fraud/versions/v2:predict", {"instances": recs})
+            elapsed = time.monotonic() - t0
+            assert r.status_code == 200, r.text
+            assert r.json()["degraded"] is True
+            assert {x.split(":")[1] for x in r.json()["degraded_reasons"]} <= {"error", "timeout"}
+            assert elapsed < 0.5 + 1.0  # the feature deadline plus a generous margin
+            r = post(gateway, "/v1/models/fraud/versions/v1strict:predict", {"instances": recs})
+            assert _error(r, 503)["code"] == "feature_store_unavailable"
+    finally:
+        gateway.redis.start()
+    for view, key in (("user_stats", "user_id"), ("merchant_stats", "merchant_id")):
+        materialize.load(
+            gateway.redis.url,
+            "serving",
+            materialize.find_view(gateway.registry, view),
+            gateway.registry / "fraud" / "features" / f"{view}.csv",
+            key,
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        body = post(gateway, "/v1/models/fraud/versions/v2:predict", {"instances": recs}).json()
+        if "degraded" not in body:
+            break
+    assert "degraded" not in body, body
 
 
 def test_digits_accuracy_over_http(gateway: GatewayUnderTest) -> None:
@@ -82,7 +158,9 @@ def test_digits_accuracy_over_http(gateway: GatewayUnderTest) -> None:
     np.testing.assert_array_equal(labels, want)
 
 
-async def _burst(gw: GatewayUnderTest, rows: np.ndarray, version: str) -> list[httpx.Response]:
+async def _burst(
+    gw: GatewayUnderTest, rows: list[dict[str, object]], version: str
+) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=60.0, limits=httpx.Limits(max_connections=128)) as c:
         return list(
             await asyncio.gather(
@@ -91,7 +169,7 @@ async def _burst(gw: GatewayUnderTest, rows: np.ndarray, version: str) -> list[h
                         f"{gw.url}/v1/models/fraud/versions/{version}:predict",
                         json={"instances": [row]},
                     )
-                    for row in rows.tolist()
+                    for row in rows
                 )
             )
         )
@@ -99,10 +177,10 @@ async def _burst(gw: GatewayUnderTest, rows: np.ndarray, version: str) -> list[h
 
 def test_64_concurrent_requests_are_correct_and_batched(gateway: GatewayUnderTest) -> None:
     x, _ = heldout(gateway.registry, "fraud")
-    rows = x[:64]
-    want = direct(gateway.registry, "fraud", "v2", rows)
-    responses = asyncio.run(_burst(gateway, rows, "v2"))
+    want = direct(gateway.registry, "fraud", "v2", x[:64])
+    responses = asyncio.run(_burst(gateway, records(gateway.registry, 64), "v2"))
     assert [r.status_code for r in responses] == [200] * 64
+    assert not [r.json()["degraded_reasons"] for r in responses if "degraded" in r.json()]
     got = np.array([r.json()["predictions"][0]["probabilities"] for r in responses])
     np.testing.assert_allclose(got, want["probabilities"], rtol=1e-6, atol=1e-7)
     sizes = [int(r.headers["x-serving-batch-size"]) for r in responses]
@@ -117,12 +195,12 @@ def test_live_reconfigure_changes_batch_size_without_restart(gateway: GatewayUnd
     now = httpx.get(base, headers=gateway.admin(), timeout=10).json()
     assert now["max_batch_size"] == 1
     assert now["replica"] == before["replica"]  # reconfigured in place, not restarted
-    x, _ = heldout(gateway.registry, "fraud")
-    responses = asyncio.run(_burst(gateway, x[:32], "v2"))
+    recs = records(gateway.registry, 64)
+    responses = asyncio.run(_burst(gateway, recs[:32], "v2"))
     assert {int(r.headers["x-serving-batch-size"]) for r in responses} == {1}
     r = httpx.put(base, headers=gateway.admin(), json={"max_batch_size": 64}, timeout=60)
     assert r.status_code == 200
-    responses = asyncio.run(_burst(gateway, x[:64], "v2"))
+    responses = asyncio.run(_burst(gateway, recs, "v2"))
     assert max(int(r.headers["x-serving-batch-size"]) for r in responses) > 1
 
 
@@ -186,7 +264,7 @@ def test_headers_request_id_and_server_timing(gateway: GatewayUnderTest) -> None
     r = post(
         gateway,
         "/v1/models/fraud:predict",
-        {"instances": [heldout(gateway.registry, "fraud")[0][0].tolist()]},
+        {"instances": records(gateway.registry, 1)},
         headers={"x-request-id": "abc-123"},
     )
     assert r.status_code == 200
@@ -204,6 +282,7 @@ def test_status_endpoints(gateway: GatewayUnderTest) -> None:
     assert by_name["fraud"]["default_version"] == "v2"
     assert {v["version"]: v["state"] for v in by_name["fraud"]["versions"]} == {
         "v1": "AVAILABLE",
+        "v1strict": "AVAILABLE",
         "v2": "AVAILABLE",
     }
     status = httpx.get(gateway.url + "/v1/models/digits", timeout=10).json()

@@ -89,6 +89,7 @@ def test_onnx_manifest_naming_missing_graph_input_fails(
     (folder / "model.onnx").write_bytes((src / "model.onnx").read_bytes())
     manifest = yaml.safe_load((src / "model.yaml").read_text())
     manifest["inputs"][0] = {"name": "wrong", "dtype": "float32", "shape": [11]}
+    manifest.pop("features")
     (folder / "model.yaml").write_text(yaml.safe_dump(manifest))
     with pytest.raises(ConfigError, match="'wrong' not in graph"):
         load_runtime(load_version(folder), CPU)
