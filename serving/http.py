@@ -30,7 +30,12 @@ from serving.errors import (
     Unauthenticated,
 )
 from serving.pipeline import Pipeline, Prediction
-from serving.schemas import PredictRequest, PredictResponse, parse_predict_body
+from serving.schemas import (
+    PredictRequest,
+    PredictResponse,
+    encode_predictions,
+    parse_predict_body,
+)
 from serving.settings import BatchingOverride, Settings
 
 log = logging.getLogger(__name__)
@@ -154,7 +159,7 @@ def build_http_app(
 
     def _answer(request: Request, pred: Prediction, rid: str) -> Response:
         body: dict[str, Any] = {
-            "predictions": pred.predictions,
+            "predictions": encode_predictions(pred.manifest.outputs, pred.outputs),
             "model": pred.model,
             "version": pred.version,
             "request_id": rid,
@@ -181,8 +186,14 @@ def build_http_app(
         pred = await pipeline.predict(name, version, instances, timeout_s=timeout)
         # Reading and parsing the body counts as decode time.
         pred.timings["decode"] += read_s
-        pred.timings["total"] = time.perf_counter() - t0
-        return _answer(request, pred, rid)
+        t_enc = time.perf_counter()
+        response = _answer(request, pred, rid)
+        # Server-Timing was written before these two were known: patch them in.
+        done = time.perf_counter()
+        pred.timings["encode"] = done - t_enc
+        pred.timings["total"] = done - t0
+        response.headers["server-timing"] = server_timing(pred.timings)
+        return response
 
     predict_doc: dict[str, Any] = {
         "requestBody": {

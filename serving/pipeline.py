@@ -28,7 +28,13 @@ from serving.feature_store import Problem, RedisFeatureStore
 from serving.features import build_vectors
 from serving.metrics import metrics
 from serving.registry import Manifest, Registry
-from serving.schemas import Arrays, decode_instances, decode_records, encode_predictions
+from serving.schemas import (
+    Arrays,
+    decode_instances,
+    decode_records,
+    tensors_to_records,
+    validate_tensors,
+)
 from serving.settings import DeploymentFile, Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +56,10 @@ def model_app_name(model: str, version: str) -> str:
 
 @dataclass(slots=True)
 class Prediction:
-    predictions: list[Any]
+    """Raw output arrays; each transport encodes them its own way."""
+
+    outputs: Arrays
+    manifest: Manifest
     model: str
     version: str
     batch_size: int
@@ -127,10 +136,36 @@ class Pipeline:
         timeout_s: float | None = None,
         protocol: str = "http",
     ) -> Prediction:
+        """v1: TF-Serving-style JSON instances."""
+        return await self._predict(model, version, instances, None, timeout_s, protocol)
+
+    async def predict_tensors(
+        self,
+        model: str,
+        version: str | None,
+        tensors: Arrays,
+        *,
+        timeout_s: float | None = None,
+        protocol: str = "v2",
+    ) -> Prediction:
+        """Open Inference Protocol: batch-first arrays keyed by input name (for a
+        feature-backed model, keyed by instance field: entity keys and request fields)."""
+        return await self._predict(model, version, None, tensors, timeout_s, protocol)
+
+    async def _predict(
+        self,
+        model: str,
+        version: str | None,
+        instances: Any,
+        tensors: Arrays | None,
+        timeout_s: float | None,
+        protocol: str,
+    ) -> Prediction:
         t0 = time.perf_counter()
         deadline = min(
             timeout_s or self._settings.request_timeout_s, self._settings.request_timeout_s
         )
+        limit = self._settings.max_instances
         v = version
         code = "ok"
         degraded: list[str] = []
@@ -138,15 +173,22 @@ class Pipeline:
         try:
             v, manifest = self.resolve(model, version)
             if manifest.features is None:
-                arrays = decode_instances(manifest.inputs, instances, self._settings.max_instances)
+                arrays = (
+                    decode_instances(manifest.inputs, instances, limit)
+                    if tensors is None
+                    else validate_tensors(manifest.inputs, tensors, limit)
+                )
             else:
+                raw = decode_records(
+                    manifest.features,
+                    instances if tensors is None else tensors_to_records(tensors),
+                    limit,
+                )
                 tf = time.perf_counter()
-                arrays, degraded = await self._with_features(model, v, manifest, instances)
+                arrays, degraded = await self._with_features(model, v, manifest, raw)
                 t_features = time.perf_counter() - tf
             t_decoded = time.perf_counter()
             result = await self._call(model, v, "predict", deadline - (t_decoded - t0), arrays)
-            t_called = time.perf_counter()
-            predictions = encode_predictions(manifest.outputs, result.outputs)
             t_end = time.perf_counter()
         except ServingError as exc:
             code = exc.code
@@ -161,8 +203,7 @@ class Pipeline:
             "queue": result.queue_s,
             "infer": result.infer_s,
             # Ray's hop there and back plus what the replica spends outside the batch.
-            "hop": max(t_called - t_decoded - result.queue_s - result.infer_s, 0.0),
-            "encode": t_end - t_called,
+            "hop": max(t_end - t_decoded - result.queue_s - result.infer_s, 0.0),
             "total": t_end - t0,
         }
         m = metrics()
@@ -173,16 +214,15 @@ class Pipeline:
                 m.stage.observe(secs, tags={**tags, "stage": stage})
         if degraded:
             m.degraded.inc(1, tags={**tags, "reason": degraded[0].split(":")[1]})
-        return Prediction(predictions, model, v, result.batch_size, timings, degraded)
+        return Prediction(result.outputs, manifest, model, v, result.batch_size, timings, degraded)
 
     async def _with_features(
-        self, model: str, version: str, manifest: Manifest, instances: Any
+        self, model: str, version: str, manifest: Manifest, raw: list[dict[str, Any]]
     ) -> tuple[Arrays, list[str]]:
-        """Entity keys + request fields → stored features (one round trip) → vectors,
-        applying the model's policy to whatever was missing, stale or unreachable."""
+        """Validated records → stored features (one round trip) → vectors, applying the
+        model's policy to whatever was missing, stale or unreachable."""
         cfg = manifest.features
         assert cfg is not None and self._features is not None
-        raw = decode_records(cfg, instances, self._settings.max_instances)
         stored, problems = await self._features.lookup(cfg, raw)
         degraded: list[str] = []
         if problems:

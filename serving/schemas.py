@@ -267,6 +267,70 @@ def decode_records(cfg: FeatureConfig, instances: Any, max_instances: int) -> li
     return out
 
 
+def validate_tensors(specs: list[TensorSpec], tensors: Arrays, max_instances: int) -> Arrays:
+    """Check batch-first tensors (Open Inference Protocol) against the input specs."""
+    names = [sp.name for sp in specs]
+    for name in tensors:
+        if name not in names:
+            raise InvalidInput(f"unknown input {name!r} (expected {', '.join(names)})", field=name)
+    out: Arrays = {}
+    rows: int | None = None
+    for spec in specs:
+        if spec.name not in tensors:
+            raise InvalidInput(f"missing input {spec.name!r}", field=spec.name)
+        arr = np.asarray(tensors[spec.name])
+        want = [-1, *spec.shape]
+        if arr.ndim != len(want) or not _shape_ok(arr.shape[1:], spec.shape):
+            raise InvalidInput(
+                f"{spec.name}: expected shape {_fmt_shape(want)}, got {_fmt_shape(arr.shape)}",
+                field=spec.name,
+            )
+        if arr.dtype == object or arr.dtype.kind not in "biuf":
+            raise InvalidInput(
+                f"{spec.name}: expected {spec.dtype} numbers, got {arr.dtype}", field=spec.name
+            )
+        _check_numbers(arr, spec, spec.name)
+        if rows is None:
+            rows = arr.shape[0]
+        elif arr.shape[0] != rows:
+            raise InvalidInput(
+                f"{spec.name}: {arr.shape[0]} rows, other inputs have {rows}", field=spec.name
+            )
+        out[spec.name] = arr.astype(spec.dtype, copy=False)
+    if not rows:
+        raise InvalidInput("inputs hold no instances", field=names[0])
+    if rows > max_instances:
+        raise PayloadTooLarge(
+            f"{rows} instances exceed the limit of {max_instances} per request", field=names[0]
+        )
+    return out
+
+
+def tensors_to_records(tensors: Arrays) -> list[dict[str, Any]]:
+    """One-value-per-instance tensors (entity keys as BYTES, request fields as numbers)
+    turned into records for `decode_records`, which validates them."""
+    columns: dict[str, list[Any]] = {}
+    rows: int | None = None
+    for name, t in tensors.items():
+        arr = np.asarray(t)
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim != 1:
+            raise InvalidInput(
+                f"{name}: expected one value per instance (shape [-1]), "
+                f"got {_fmt_shape(arr.shape)}",
+                field=name,
+            )
+        if rows is None:
+            rows = arr.shape[0]
+        elif arr.shape[0] != rows:
+            raise InvalidInput(f"{name}: {arr.shape[0]} rows, other inputs have {rows}", field=name)
+        columns[name] = [
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in arr.tolist()
+        ]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
 def encode_predictions(specs: list[TensorSpec], outputs: Arrays) -> list[Any]:
     """One prediction per instance: a bare value for single-output models, else an
     object of named outputs."""
