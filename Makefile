@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test install models redis lint fmt clean bench
+.PHONY: up test install models redis prometheus lint fmt clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "[make] creating $(VENV) and installing pinned dependencies (first run takes minutes)"
@@ -29,8 +29,18 @@ redis: install
 up: models redis
 	$(BIN)/serving up
 
-test: models
+# The observability tests run a real Prometheus (and promtool): Debian's package.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "[make] installing Debian's prometheus package"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: models prometheus
 	$(BIN)/python -m pytest -q -ra tests
+
+bench: models
+	$(BIN)/python -m loadtests
 
 lint: install
 	$(BIN)/ruff check serving tests loadtests models

@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
+from serving.drift import DriftReference, PredictionRef, RefHistogram
 from serving.registry import Batching, Manifest, Resources, TensorSpec, write_manifest
 
 NAME = "digits"
@@ -117,6 +118,13 @@ def _build(root: Path, seed: int) -> None:
         batching=Batching(max_batch_size=32, batch_wait_timeout_s=0.002),
         resources=Resources(num_cpus=0.5),
         metrics={"accuracy": round(accuracy, 6)},
+        # Reference for prediction drift: the predicted-class shares on training data.
+        drift=DriftReference(
+            prediction=PredictionRef(
+                output="label",
+                **RefHistogram.from_categories(_train_labels(scripted, x_train)).model_dump(),
+            )
+        ),
         training={
             "dataset": "sklearn.datasets.load_digits",
             "seed": seed,
@@ -128,3 +136,9 @@ def _build(root: Path, seed: int) -> None:
     )
     write_manifest(folder, manifest)
     np.savez_compressed(root / NAME / HELDOUT, X=x_test, y=y_test)
+
+
+def _train_labels(module: torch.jit.ScriptModule, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        label, _ = module(torch.from_numpy(x))
+    return np.asarray(label.numpy())

@@ -23,6 +23,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from models import fraud_data
+from serving.drift import DriftReference, PredictionRef, RefHistogram
 from serving.registry import Batching, Manifest, Resources, TensorSpec, write_manifest
 
 NAME = "fraud"
@@ -124,6 +125,19 @@ def build(root: Path, seed: int = 7) -> None:
         _check_onnx(onx, model, x_test)
         # Metrics come from the exported artifact, i.e. what will actually be served.
         metrics = _metrics(y_test, *_onnx_predict(onx, x_test))
+        # Drift references: each input column and the fraud probability on training data.
+        _, train_proba = _onnx_predict(onx, x_train)
+        drift = DriftReference(
+            features={
+                c: RefHistogram.from_values(x_train[:, j])
+                for j, c in enumerate(fraud_data.COLUMNS)
+            },
+            prediction=PredictionRef(
+                output="probabilities",
+                index=1,
+                **RefHistogram.from_values(train_proba[:, 1]).model_dump(),
+            ),
+        )
         estimator = model.steps[-1][1] if isinstance(model, Pipeline) else model
         manifest = Manifest(
             name=NAME,
@@ -147,6 +161,7 @@ def build(root: Path, seed: int = 7) -> None:
             batching=Batching(max_batch_size=32, batch_wait_timeout_s=0.002),
             resources=Resources(num_cpus=0.5),
             metrics=metrics,
+            drift=drift,
             training={
                 "generator": "models.fraud_data",
                 "seed": seed,

@@ -14,17 +14,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
-from serving.errors import ConfigError
+from serving.errors import ConfigError, InvalidInput, NotReady
+from serving.feedback import FeedbackStore
+from serving.grpc import GrpcServer, with_grpc
 from serving.http import build_http_app
 from serving.pipeline import Pipeline, ReplicaHandle, model_app_name
 from serving.registry import Registry
 from serving.replica import ModelReplica
-from serving.settings import BatchingOverride, DeploymentFile, Settings
+from serving.rollout_controller import RolloutController
+from serving.settings import BatchingOverride, DeploymentFile, Settings, VersionConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +45,28 @@ def _replica_handle(model: str, version: str) -> ReplicaHandle:
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway:
-    """The HTTP ingress; the ASGI app is built after __init__ inside the replica."""
+    """The HTTP and gRPC ingress; the ASGI app is built after __init__ inside the replica."""
 
     def __init__(
         self, settings: dict[str, Any], deployment: dict[str, Any], admin_token: str | None
     ) -> None:
         self._settings = Settings.model_validate(settings)
         self._dep = DeploymentFile.model_validate(deployment)
-        self._pipeline = Pipeline(self._dep, self._settings, _replica_handle)
+        s = self._settings
+        self._rollouts = RolloutController(
+            s.redis_url,
+            s.feature_namespace,
+            {m: cfg.default for m, cfg in self._dep.models.items()},
+            self._deploy_versions,
+            self._retire_versions,
+        )
+        self._pipeline = Pipeline(
+            self._dep,
+            s,
+            _replica_handle,
+            rollouts=self._rollouts,
+            feedback=FeedbackStore(s.redis_url, s.feature_namespace, s.prediction_ttl_s),
+        )
         self._admin_token = admin_token
         self._lock: asyncio.Lock | None = None  # made lazily inside the running loop
 
@@ -73,13 +91,40 @@ class Gateway:
                 return
             await asyncio.sleep(0.1)
 
+    async def _deploy_versions(self, model: str, versions: list[str]) -> None:
+        registry = Registry(self._dep.registry)
+        for v in versions:
+            try:
+                registry.get(model, v)
+            except ConfigError as exc:
+                raise InvalidInput(str(exc), field="to") from None
+        try:
+            await asyncio.to_thread(
+                ensure_versions, self._settings, self._dep, model, versions, 300.0
+            )
+        except (ConfigError, TimeoutError) as exc:
+            raise NotReady(f"could not deploy {model} {versions}: {exc}") from None
+
+    async def _retire_versions(self, model: str, versions: list[str]) -> None:
+        # Never retire what still takes traffic (e.g. a configured, pinned version).
+        gone = [v for v in versions if v not in self._pipeline.served_versions(model)]
+        if gone:
+            await asyncio.to_thread(retire_versions, model, gone)
+
     def __serve_build_asgi_app__(self) -> Any:
-        return build_http_app(
+        app = build_http_app(
             self._pipeline,
             self._settings,
             admin_token=self._admin_token,
             reconfigure=self._reconfigure,
         )
+        # The gRPC server lives as long as the app: Ray Serve runs the app's lifespan
+        # on the replica's event loop at start-up and again at graceful shutdown.
+        grpc_server = GrpcServer(
+            self._pipeline, self._settings, self._dep.ingress.max_ongoing_requests
+        )
+        app.router.lifespan_context = with_grpc(app.router.lifespan_context, grpc_server)
+        return app
 
 
 # ---- application builders (import paths named in the Serve config) -------------------
@@ -99,18 +144,85 @@ def model_app(args: dict[str, Any]) -> Application:
 
 
 # ---- the Serve config ------------------------------------------------------------------
-def serve_config(
-    settings: Settings, dep: DeploymentFile, admin_token: str | None
+def model_app_config(
+    settings: Settings, registry_root: Path, model: str, version: str, vcfg: VersionConfig
 ) -> dict[str, Any]:
-    """The declarative Serve config for the whole gateway (ServeDeploySchema shape)."""
+    """The Serve application hosting one model version."""
+    manifest = Registry(registry_root).get(model, version).manifest
+    max_batch = vcfg.batching.max_batch_size or manifest.batching.max_batch_size
+    d: dict[str, Any] = {
+        "name": "ModelReplica",
+        # Requests per replica, not instances: keep room for a full batch of
+        # single-instance requests plus the next one queueing (ray #43288).
+        "max_ongoing_requests": max(2 * max_batch, 16),
+        "max_queued_requests": vcfg.max_queued_requests,
+        "user_config": vcfg.batching.model_dump(exclude_none=True),
+        "ray_actor_options": {
+            "num_cpus": (
+                vcfg.resources.num_cpus
+                if vcfg.resources.num_cpus is not None
+                else manifest.resources.num_cpus
+            ),
+            "num_gpus": (
+                vcfg.resources.num_gpus
+                if vcfg.resources.num_gpus is not None
+                else manifest.resources.num_gpus
+            ),
+        },
+    }
+    if vcfg.autoscaling is not None:
+        a = vcfg.autoscaling
+        d["autoscaling_config"] = a.model_dump(exclude={"latency_slo_ms"})
+        if a.latency_slo_ms is not None:
+            d["autoscaling_config"].update(
+                metrics_interval_s=1.0,
+                look_back_period_s=5.0,
+                policy={
+                    "policy_function": "serving.autoscale:LatencyPolicy",
+                    "policy_kwargs": {
+                        "model": model,
+                        "version": version,
+                        "slo_ms": a.latency_slo_ms,
+                    },
+                },
+            )
+    else:
+        d["num_replicas"] = vcfg.num_replicas
+    return {
+        "name": model_app_name(model, version),
+        "route_prefix": None,
+        "import_path": "serving.app:model_app",
+        "args": {
+            "model": model,
+            "version": version,
+            "registry": str(registry_root),
+            "runtime": {
+                "device": settings.device,
+                "onnx_intra_op_threads": settings.onnx_intra_op_threads,
+                "torch_threads": settings.torch_threads,
+            },
+            "warmup": vcfg.warmup.model_dump() if vcfg.warmup else None,
+        },
+        "deployments": [d],
+    }
+
+
+def version_config(dep: DeploymentFile, model: str, version: str) -> VersionConfig:
+    """A version's deployment settings: its own, else those of the model's default."""
+    versions = dep.models[model].versions
+    return versions.get(version) or versions[dep.models[model].default]
+
+
+def serve_config(
+    settings: Settings,
+    dep: DeploymentFile,
+    admin_token: str | None,
+    extra_versions: dict[str, set[str]] | None = None,
+) -> dict[str, Any]:
+    """The declarative Serve config for the whole gateway (ServeDeploySchema shape).
+    `extra_versions` adds versions that rollouts route to (read back from Redis)."""
     registry_root = dep.registry.resolve()
     dep = dep.model_copy(update={"registry": registry_root})
-    registry = Registry(registry_root)
-    runtime = {
-        "device": settings.device,
-        "onnx_intra_op_threads": settings.onnx_intra_op_threads,
-        "torch_threads": settings.torch_threads,
-    }
     apps: list[dict[str, Any]] = [
         {
             "name": GATEWAY_APP,
@@ -132,49 +244,41 @@ def serve_config(
         }
     ]
     for model, mcfg in dep.models.items():
-        for version, vcfg in mcfg.versions.items():
-            manifest = registry.get(model, version).manifest
-            max_batch = vcfg.batching.max_batch_size or manifest.batching.max_batch_size
-            d: dict[str, Any] = {
-                "name": "ModelReplica",
-                # Requests per replica, not instances: keep room for a full batch of
-                # single-instance requests plus the next one queueing (ray #43288).
-                "max_ongoing_requests": max(2 * max_batch, 16),
-                "max_queued_requests": vcfg.max_queued_requests,
-                "user_config": vcfg.batching.model_dump(exclude_none=True),
-                "ray_actor_options": {
-                    "num_cpus": (
-                        vcfg.resources.num_cpus
-                        if vcfg.resources.num_cpus is not None
-                        else manifest.resources.num_cpus
-                    ),
-                    "num_gpus": (
-                        vcfg.resources.num_gpus
-                        if vcfg.resources.num_gpus is not None
-                        else manifest.resources.num_gpus
-                    ),
-                },
-            }
-            if vcfg.autoscaling is not None:
-                d["autoscaling_config"] = vcfg.autoscaling.model_dump()
-            else:
-                d["num_replicas"] = vcfg.num_replicas
+        versions = set(mcfg.versions) | (extra_versions or {}).get(model, set())
+        for version in sorted(versions):
             apps.append(
-                {
-                    "name": model_app_name(model, version),
-                    "route_prefix": None,
-                    "import_path": "serving.app:model_app",
-                    "args": {
-                        "model": model,
-                        "version": version,
-                        "registry": str(registry_root),
-                        "runtime": runtime,
-                        "warmup": vcfg.warmup.model_dump() if vcfg.warmup else None,
-                    },
-                    "deployments": [d],
-                }
+                model_app_config(
+                    settings, registry_root, model, version, version_config(dep, model, version)
+                )
             )
     return {"applications": apps}
+
+
+def ensure_versions(
+    settings: Settings, dep: DeploymentFile, model: str, versions: list[str], timeout_s: float
+) -> None:
+    """Deploy the versions' applications that are missing (others untouched) and wait
+    until every one of them is running."""
+    registry_root = dep.registry.resolve()
+    config = deployed_config()
+    present = {a["name"] for a in config["applications"]}
+    missing = [v for v in versions if model_app_name(model, v) not in present]
+    for v in missing:
+        config["applications"].append(
+            model_app_config(settings, registry_root, model, v, version_config(dep, model, v))
+        )
+    if missing:
+        apply_config(config)
+    wait_until_running([model_app_name(model, v) for v in versions], timeout_s)
+
+
+def retire_versions(model: str, versions: list[str]) -> None:
+    """Remove the versions' applications; Serve drains their in-flight requests."""
+    names = {model_app_name(model, v) for v in versions}
+    config = deployed_config()
+    kept = [a for a in config["applications"] if a["name"] not in names]
+    if len(kept) != len(config["applications"]):
+        apply_config({"applications": kept})
 
 
 # ---- talking to the Serve controller -----------------------------------------------------

@@ -27,10 +27,15 @@ app = typer.Typer(help="Low-latency model serving gateway.", no_args_is_help=Tru
 models_app = typer.Typer(help="Inspect and tune served models.", no_args_is_help=True)
 config_app = typer.Typer(help="Deployment configuration.", no_args_is_help=True)
 redis_app = typer.Typer(help="Redis helpers.", no_args_is_help=True)
+rollout_app = typer.Typer(
+    help="Canary rollouts: weighted, sticky and shadow routing with automatic analysis.",
+    no_args_is_help=True,
+)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(redis_app, name="redis")
 app.add_typer(features_app, name="features")
+app.add_typer(rollout_app, name="rollout")
 
 console = Console()
 err = Console(stderr=True)
@@ -85,7 +90,9 @@ def up(
     settings = _settings(config)
     try:
         dep = load_deployment(settings.config, settings.registry_dir)
-        cfg = serving_app.serve_config(settings, dep, ensure_token(settings))
+        cfg = serving_app.serve_config(
+            settings, dep, ensure_token(settings), routed_versions(settings, list(dep.models))
+        )
     except ConfigError as exc:
         _fail(f"{exc}\nBuild the demo models with `make models` if they are missing.")
 
@@ -109,6 +116,9 @@ def up(
     ray.init(
         address=settings.ray_address,
         num_cpus=None if joined else settings.ray_num_cpus,
+        # One Prometheus endpoint per node for every replica on it (local cluster only;
+        # a joined cluster keeps the port it was started with).
+        **({} if joined else {"_metrics_export_port": settings.metrics_port}),
         include_dashboard=False,
         log_to_driver=True,
     )
@@ -132,8 +142,10 @@ def up(
         _wait_ready(settings.gateway_url(), timeout - (time.monotonic() - t0))
         console.print(
             f"[bold green]ready[/] in {time.monotonic() - t0:.1f}s: "
-            f"HTTP {settings.gateway_url()}  (docs {settings.gateway_url()}/docs)\n"
-            f"admin token file: {settings.admin_token_file}\nCtrl-C to stop."
+            f"HTTP {settings.gateway_url()}  (docs {settings.gateway_url()}/docs)  "
+            f"gRPC {settings.grpc_target()}\n"
+            + ("" if joined else f"metrics http://127.0.0.1:{settings.metrics_port}/metrics\n")
+            + f"admin token file: {settings.admin_token_file}\nCtrl-C to stop."
         )
         while not stop.wait(1.0):
             pass
@@ -148,6 +160,21 @@ def up(
             serve.shutdown()
         ray.shutdown()
         console.print("stopped.")
+
+
+def routed_versions(settings: Settings, models: list[str]) -> dict[str, set[str]]:
+    """Versions the routing tables in Redis send traffic to (a promoted canary must be
+    deployed again after a restart). Empty when Redis does not answer."""
+    import redis
+
+    from serving.routing import RoutingTable
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        docs = client.mget([f"{settings.feature_namespace}:routing:{m}" for m in models])
+    except redis.RedisError:
+        return {}
+    return {m: RoutingTable.model_validate_json(d).versions() for m, d in zip(models, docs) if d}
 
 
 def bootstrap_feature_tables(settings: Settings, dep: DeploymentFile) -> None:
@@ -203,8 +230,22 @@ def predict(
     version: Annotated[str | None, typer.Option("--version", "-v")] = None,
     url: UrlOpt = None,
     raw: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            "--protocol",
+            "-p",
+            help="v1 (TF-Serving REST), v2 (Open Inference Protocol REST) or grpc (OIP).",
+        ),
+    ] = "v1",
+    grpc_target: Annotated[
+        str | None,
+        typer.Option("--grpc-target", help="host:port of the gRPC service (default settings)."),
+    ] = None,
 ) -> None:
     """Send one prediction request and print the answer."""
+    if protocol not in ("v1", "v2", "grpc"):
+        _fail(f"--protocol must be v1, v2 or grpc, not {protocol!r}")
     text = Path(instances[1:]).read_text() if instances.startswith("@") else instances
     try:
         parsed = json.loads(text)
@@ -212,6 +253,9 @@ def predict(
         _fail(f"--instances is not valid JSON: {exc}")
     if isinstance(parsed, dict) and "instances" in parsed:
         parsed = parsed["instances"]
+    if protocol != "v1":
+        _predict_oip(protocol, model, version, parsed, url, grpc_target, raw)
+        return
     base = url or _settings().gateway_url()
     path = f"/v1/models/{model}" + (f"/versions/{version}" if version else "") + ":predict"
     resp = _request("POST", base + path, json={"instances": parsed})
@@ -228,6 +272,40 @@ def predict(
         table.add_row(str(i), json.dumps(p))
     console.print(table)
     console.print(f"[dim]server-timing: {resp.headers.get('server-timing', '')}[/]")
+
+
+def _predict_oip(
+    protocol: str,
+    model: str,
+    version: str | None,
+    instances: Any,
+    url: str | None,
+    grpc_target: str | None,
+    raw: bool,
+) -> None:
+    """`predict` over the Open Inference Protocol: REST v2 or gRPC."""
+    from serving import oip_client
+
+    s = _settings()
+    try:
+        if protocol == "grpc":
+            target = grpc_target or s.grpc_target()
+            body, timing = oip_client.predict_grpc(target, model, version, instances)
+        else:
+            base = url or s.gateway_url()
+            body, timing = oip_client.predict_rest(base, model, version, instances)
+    except oip_client.OipClientError as exc:
+        _fail(str(exc))
+    if raw:
+        console.print_json(data=body)
+        return
+    table = Table(title=f"{body['model_name']} {body['model_version']}  ({protocol})")
+    table.add_column("#", justify="right")
+    table.add_column("prediction")
+    for i, p in enumerate(oip_client.predictions(body)):
+        table.add_row(str(i), json.dumps(p))
+    console.print(table)
+    console.print(f"[dim]server-timing: {timing}[/]")
 
 
 # ---- models --------------------------------------------------------------------------
@@ -287,6 +365,172 @@ def models_batching(
     if resp.status_code != 200:
         _show_error(resp)
     console.print_json(data=resp.json())
+
+
+# ---- rollout -------------------------------------------------------------------------
+def parse_duration(text: str) -> float:
+    """'60s', '2m', '500ms', '1h' or plain seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            break
+    else:
+        number, suffix = text, "s"
+    try:
+        value = float(number) * units[suffix]
+    except ValueError:
+        raise typer.BadParameter(f"not a duration: {text!r} (e.g. 60s, 2m, 500ms)") from None
+    if value <= 0:
+        raise typer.BadParameter("must be positive")
+    return value
+
+
+def _rollout(model: str, url: str | None, body: dict[str, Any] | None) -> dict[str, Any]:
+    base = (url or _settings().gateway_url()) + f"/admin/v1/models/{model}/rollout"
+    if body is None:
+        resp = _request("GET", base, headers=_admin_headers())
+    else:
+        resp = _request("POST", base, headers=_admin_headers(), json=body, timeout=600.0)
+    if resp.status_code != 200:
+        _show_error(resp)
+    result: dict[str, Any] = resp.json()
+    return result
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    r, ro = status["routing"], status["rollout"]
+    canary = f"{r['canary']} at {r['canary_weight']:g}%" if r["canary"] else "none"
+    shadow = f"{r['shadow']} on {r['shadow_sample']:.0%}" if r["shadow"] else "none"
+    console.print(
+        f"[bold]{status['model']}[/]  stable [bold]{r['stable']}[/]  canary {canary}  "
+        f"shadow {shadow}  sticky {r['sticky_key'] or 'random'}"
+    )
+    spec = ro.get("spec")
+    if spec:
+        steps = ", ".join(f"{s:g}" for s in spec["steps"])
+        console.print(
+            f"rollout [bold]{ro['status']}[/] to {spec['to']}: step {ro['step'] + 1}/"
+            f"{len(spec['steps'])} of [{steps}]%, every {spec['interval_s']:g}s; "
+            f"max error rate {spec['max_error_rate']:.2%}"
+            + (f", max p99 {spec['max_p99_ms']:g} ms" if spec.get("max_p99_ms") else "")
+            + f", min {spec['min_requests']} requests per arm"
+        )
+    table = Table(title="current window")
+    for col in ("version", "requests", "errors", "error rate", "p99 ms", "shadow agreement"):
+        table.add_column(col)
+    for version, f in status["window"]["figures"].items():
+        sh = f.get("shadow")
+        table.add_row(
+            version,
+            str(f["requests"]),
+            str(f["errors"]),
+            f"{f['error_rate']:.2%}",
+            f"{f['p99_ms']:g}",
+            f"{sh['agreement']:.2%} of {sh['requests']}" if sh else "",
+        )
+    console.print(table)
+    hist = Table(title="decisions (newest first)")
+    for col in ("time", "action", "by", "weight", "reason"):
+        hist.add_column(col)
+    for d in status["history"][:20]:
+        hist.add_row(
+            time.strftime("%H:%M:%S", time.localtime(d["ts"])),
+            d["action"],
+            d["actor"],
+            f"{d['weight']:g}%",
+            d["reason"],
+        )
+    console.print(hist)
+
+
+@rollout_app.command("start")
+def rollout_start(
+    model: Annotated[str, typer.Argument()],
+    to: Annotated[str, typer.Option("--to", help="The canary version.")],
+    steps: Annotated[str, typer.Option(help="Canary weights, percent.")] = "5,25,50,100",
+    interval: Annotated[str, typer.Option(help="Analysis interval (60s, 2m).")] = "60s",
+    max_error_rate: Annotated[float, typer.Option()] = 0.01,
+    max_p99_ms: Annotated[float | None, typer.Option()] = None,
+    min_requests: Annotated[int, typer.Option(help="Per arm, before any decision.")] = 100,
+    sticky_key: Annotated[
+        str | None, typer.Option(help="Instance field (user_id) or header:<name>.")
+    ] = None,
+    url: UrlOpt = None,
+) -> None:
+    """Deploy the canary (stable keeps serving) and start stepping its weight."""
+    try:
+        weights = [float(x) for x in steps.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--steps must be comma-separated percentages, got {steps!r}")
+    body = {
+        "action": "start",
+        "to": to,
+        "steps": weights,
+        "interval_s": parse_duration(interval),
+        "max_error_rate": max_error_rate,
+        "max_p99_ms": max_p99_ms,
+        "min_requests": min_requests,
+        "sticky_key": sticky_key,
+    }
+    console.print(f"deploying {model} {to} and starting the rollout…")
+    _print_status(_rollout(model, url, body))
+
+
+@rollout_app.command("status")
+def rollout_status(
+    model: Annotated[str, typer.Argument()],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """Weights, current step, canary vs stable figures and the decision history."""
+    status = _rollout(model, url, None)
+    if as_json:
+        console.print_json(data=status)
+    else:
+        _print_status(status)
+
+
+def _simple(action: str, help_text: str) -> None:
+    def command(model: Annotated[str, typer.Argument()], url: UrlOpt = None) -> None:
+        _print_status(_rollout(model, url, {"action": action}))
+
+    command.__doc__ = help_text
+    rollout_app.command(action)(command)
+
+
+_simple("pause", "Stop the automatic analysis; weights stay as they are.")
+_simple("resume", "Restart the automatic analysis with a fresh window.")
+_simple("promote", "Make the canary the stable version and retire the old one.")
+_simple("rollback", "Send all traffic to stable and retire the canary.")
+
+
+@rollout_app.command("set-weight")
+def rollout_set_weight(
+    model: Annotated[str, typer.Argument()],
+    percent: Annotated[float, typer.Argument(help="Canary share, 0-100 (0.01 steps).")],
+    url: UrlOpt = None,
+) -> None:
+    """Set the canary's share of traffic by hand."""
+    _print_status(_rollout(model, url, {"action": "set_weight", "percent": percent}))
+
+
+@rollout_app.command("shadow")
+def rollout_shadow(
+    model: Annotated[str, typer.Argument()],
+    version: Annotated[str | None, typer.Option("--version", "-v")] = None,
+    sample: Annotated[float | None, typer.Option(help="Fraction of requests copied.")] = None,
+    off: Annotated[bool, typer.Option("--off", help="Stop shadowing.")] = False,
+    url: UrlOpt = None,
+) -> None:
+    """Copy a sample of requests to a shadow version and compare its answers."""
+    if off:
+        body: dict[str, Any] = {"action": "shadow", "off": True}
+    elif version is None or sample is None:
+        _fail("give --version and --sample, or --off")
+    else:
+        body = {"action": "shadow", "version": version, "sample": sample}
+    _print_status(_rollout(model, url, body))
 
 
 # ---- config --------------------------------------------------------------------------

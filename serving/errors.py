@@ -67,6 +67,14 @@ class NotFound(ServingError):
     code = "not_found"
 
 
+class Conflict(ServingError):
+    """The command does not fit the current state (e.g. a rollout already running)."""
+
+    http_status = 409
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "conflict"
+
+
 class PayloadTooLarge(ServingError):
     http_status = 413
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import (
+    InvalidInput,
     MalformedRequest,
     NotFound,
     PayloadTooLarge,
@@ -162,6 +163,7 @@ def build_http_app(
             "predictions": encode_predictions(pred.manifest.outputs, pred.outputs),
             "model": pred.model,
             "version": pred.version,
+            "arm": pred.arm,
             "request_id": rid,
         }
         if pred.degraded:
@@ -183,7 +185,15 @@ def build_http_app(
         body = await _read_json(request, settings.max_body_bytes)
         instances = parse_predict_body(body)
         read_s = time.perf_counter() - t0
-        pred = await pipeline.predict(name, version, instances, timeout_s=timeout)
+        pred = await pipeline.predict(
+            name,
+            version,
+            instances,
+            timeout_s=timeout,
+            pinned=request.headers.get("x-serving-version"),
+            headers=request.headers,
+            request_id=rid,
+        )
         # Reading and parsing the body counts as decode time.
         pred.timings["decode"] += read_s
         t_enc = time.perf_counter()
@@ -294,6 +304,64 @@ def build_http_app(
         ):
             raise Unauthenticated("admin API needs 'Authorization: Bearer <token>'")
 
+    @app.post("/v1/feedback", tags=["feedback"])
+    async def feedback(request: Request) -> Response:
+        """Delayed labels: `{"request_id": "...", "label": 1}` or a list of them (a
+        multi-instance request takes a list of labels). Unknown or expired ids: 404."""
+        body = await _read_json(request, settings.max_body_bytes)
+        items = body if isinstance(body, list) else [body]
+        pairs: list[tuple[str, Any]] = []
+        for i, item in enumerate(items):
+            where = f"[{i}]" if isinstance(body, list) else ""
+            if not isinstance(item, dict) or "request_id" not in item or "label" not in item:
+                raise MalformedRequest(
+                    f"body{where} needs 'request_id' and 'label'", field=f"{where}request_id"
+                )
+            rid, label = item["request_id"], item["label"]
+            labels = label if isinstance(label, list) else [label]
+            if not isinstance(rid, str) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in labels
+            ):
+                raise InvalidInput(
+                    f"body{where}: request_id must be a string and label an integer class",
+                    field=f"{where}label",
+                )
+            pairs.append((rid, label))
+        if not pairs:
+            raise MalformedRequest("no labels given")
+        if pipeline.feedback is None:
+            raise ServingError("feedback is not available in this process")
+        return _json({"results": await pipeline.feedback.label(pairs)})
+
+    @app.get("/admin/v1/models/{name}/versions/{version}/monitoring", tags=["admin"])
+    async def monitoring(name: str, version: str, request: Request) -> Response:
+        """Accuracy from delayed labels and drift (PSI) as this replica sees them."""
+        _check_admin(request)
+        return _json(await pipeline.monitoring(name, version))
+
+    @app.get("/admin/v1/models/{name}/rollout", tags=["admin"])
+    async def rollout_status(name: str, request: Request) -> Response:
+        """Routing table, rollout state, canary vs stable figures and decision history."""
+        _check_admin(request)
+        pipeline.resolve(name, None)
+        assert pipeline.rollouts is not None
+        return _json(await pipeline.rollouts.status(name))
+
+    @app.post("/admin/v1/models/{name}/rollout", tags=["admin"])
+    async def rollout_command(name: str, request: Request) -> Response:
+        """Rollout commands: `{"action": "start", "to": "v3", "steps": [5, 25, 50, 100],
+        "interval_s": 60, "max_error_rate": 0.01, "max_p99_ms": 50, "min_requests": 100,
+        "sticky_key": "user_id"}`, or action `pause`, `resume`, `promote`, `rollback`,
+        `set_weight` (`percent`), `shadow` (`version`, `sample`, or `off: true`)."""
+        _check_admin(request)
+        pipeline.resolve(name, None)
+        body = await _read_json(request, settings.max_body_bytes)
+        if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+            raise MalformedRequest("body must be an object with an 'action'", field="action")
+        assert pipeline.rollouts is not None
+        action = body.pop("action")
+        return _json(await pipeline.rollouts.run(name, action, body))
+
     @app.get("/admin/v1/models/{name}/versions/{version}/batching", tags=["admin"])
     async def get_batching(name: str, version: str, request: Request) -> Response:
         """Batching parameters a replica of this version runs with now."""
@@ -316,4 +384,8 @@ def build_http_app(
         await reconfigure(name, version, override)
         return _json({"model": name, "version": version, **override.model_dump(exclude_none=True)})
 
+    # Open Inference Protocol REST routes (imported here: that module imports this one).
+    from serving.oip_rest import build_v2_router
+
+    app.include_router(build_v2_router(pipeline, settings))
     return app

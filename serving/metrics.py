@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from ray.util.metrics import Counter, Histogram
+from ray.util.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = [
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -24,7 +24,7 @@ class Metrics:
         self.requests = Counter(
             "serving_requests_total",
             description="Prediction requests answered, by outcome code.",
-            tag_keys=("model", "version", "protocol", "code"),
+            tag_keys=("model", "version", "arm", "protocol", "code"),
         )
         self.latency = Histogram(
             "serving_request_duration_seconds",
@@ -53,6 +53,71 @@ class Metrics:
             "serving_degraded_responses_total",
             description="Answers given with default features, by the first reason.",
             tag_keys=("model", "version", "reason"),
+        )
+        self.canary_weight = Gauge(
+            "serving_canary_weight_percent",
+            description="Share of a model's traffic routed to its canary version.",
+            tag_keys=("model",),
+        )
+        self.rollout_decisions = Counter(
+            "serving_rollout_decisions_total",
+            description="Rollout decisions (start, advance, hold, rollback, complete, ...).",
+            tag_keys=("model", "action"),
+        )
+        self.shadow = Counter(
+            "serving_shadow_requests_total",
+            description="Shadow copies by outcome (agree, disagree, error, dropped).",
+            tag_keys=("model", "version", "outcome"),
+        )
+        self.rollout_state = Gauge(
+            "serving_rollout_state",
+            description="1 for a model's current rollout status, 0 for the others.",
+            tag_keys=("model", "status"),
+        )
+        self.inflight = Gauge(
+            "serving_inflight_requests",
+            description="Prediction requests inside this ingress replica right now.",
+            tag_keys=("model",),
+        )
+        self.predictions = Counter(
+            "serving_predictions_total",
+            description="Predicted classes (the `label` output), the prediction distribution.",
+            tag_keys=("model", "version", "label"),
+        )
+        self.labels = Counter(
+            "serving_labels_total",
+            description="Delayed labels joined with their predictions, correct or not.",
+            tag_keys=("model", "version", "outcome"),
+        )
+        self.accuracy = Gauge(
+            "serving_model_accuracy",
+            description="Accuracy from delayed labels over a rolling window (5m, 1h).",
+            tag_keys=("model", "version", "window"),
+        )
+        self.feature_psi = Gauge(
+            "serving_feature_psi",
+            description="Population stability index of an input feature vs training.",
+            tag_keys=("model", "version", "feature"),
+        )
+        self.prediction_psi = Gauge(
+            "serving_prediction_psi",
+            description="Population stability index of the predictions vs training.",
+            tag_keys=("model", "version"),
+        )
+        self.autoscaling_decisions = Counter(
+            "serving_autoscaling_decisions_total",
+            description="Latency-aware autoscaling decisions by direction (up, down, hold).",
+            tag_keys=("model", "version", "direction"),
+        )
+        self.autoscaling_target = Gauge(
+            "serving_autoscaling_target_replicas",
+            description="Replicas the latency-aware policy asked for.",
+            tag_keys=("model", "version"),
+        )
+        self.replica_p95 = Gauge(
+            "serving_replica_latency_p95_seconds",
+            description="Queue wait plus inference p95 in a replica (what the policy uses).",
+            tag_keys=("model", "version"),
         )
         self.batch_size = Histogram(
             "serving_batch_size",

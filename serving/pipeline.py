@@ -10,11 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
+from serving.drift import DriftMonitor
 from serving.errors import (
+    ConfigError,
     DeadlineExceeded,
     FeatureStoreUnavailable,
     InvalidInput,
@@ -26,8 +30,12 @@ from serving.errors import (
 )
 from serving.feature_store import Problem, RedisFeatureStore
 from serving.features import build_vectors
+from serving.feedback import FeedbackStore
 from serving.metrics import metrics
 from serving.registry import Manifest, Registry
+from serving.rollout import agreement
+from serving.rollout_controller import RolloutController
+from serving.routing import Arm
 from serving.schemas import (
     Arrays,
     decode_instances,
@@ -67,6 +75,22 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
     # Why default features were used ("<view>:<outcome>:<entity>"); empty when not.
     degraded: list[str] = field(default_factory=list)
+    arm: Arm = "stable"
+
+
+# Outcomes that count against a version in rollout analysis (client mistakes do not).
+SERVER_FAULTS = frozenset(
+    {
+        "model_error",
+        "internal",
+        "deadline_exceeded",
+        "not_ready",
+        "overloaded",
+        "feature_store_unavailable",
+    }
+)
+MAX_SHADOWS_IN_FLIGHT = 32
+MONITOR_EVERY_S = 5.0
 
 
 class Pipeline:
@@ -76,48 +100,114 @@ class Pipeline:
         settings: Settings,
         handles: HandleFactory,
         features: RedisFeatureStore | None = None,
+        rollouts: RolloutController | None = None,
+        feedback: FeedbackStore | None = None,
     ) -> None:
         self._settings = settings
         self._dep = dep
         self._handles_factory = handles
         self._handles: dict[tuple[str, str], ReplicaHandle] = {}
-        registry = Registry(dep.registry)
-        # Manifests are read once; a bad one fails start-up with the file named.
+        self._registry = Registry(dep.registry)
+        # Configured versions are read at start-up (a bad manifest fails it, naming the
+        # file); versions that rollouts bring in are read on first use.
         self.manifests: dict[tuple[str, str], Manifest] = {
-            (m, v): registry.get(m, v).manifest
+            (m, v): self._registry.get(m, v).manifest
             for m, cfg in dep.models.items()
             for v in cfg.versions
         }
-        # Column sources of feature-backed models, resolved once.
-        self._columns = {
-            key: m.features.resolve_columns(m.inputs[0].columns or [])
-            for key, m in self.manifests.items()
-            if m.features is not None
-        }
-        if features is None and self._columns:
-            features = RedisFeatureStore(
-                settings.redis_url,
-                settings.feature_namespace,
-                timeout_s=settings.feature_timeout_s,
-                cache_ttl_s=settings.feature_cache_ttl_s,
-                max_connections=settings.redis_max_connections,
-            )
+        self._columns: dict[tuple[str, str], list[tuple[str, str, float]]] = {}
         self._features = features
+        self.rollouts = rollouts
+        self.feedback = feedback
+        self._drift: dict[tuple[str, str], DriftMonitor | None] = {}
+        self._inflight: dict[str, int] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self._shadow_slots: asyncio.Semaphore | None = None
+        self._shadow_tasks: set[asyncio.Task[None]] = set()  # strong refs until done
 
     # ---- routing -------------------------------------------------------------------
+    def served_versions(self, model: str) -> list[str]:
+        """Versions that take traffic: those the routing table names, plus configured
+        non-default versions (reachable when pinned). The configured default counts
+        only while the table still routes to it: a promotion retires it."""
+        cfg = self._dep.models[model]
+        routed = self.rollouts.routed_versions(model) if self.rollouts else {cfg.default}
+        return sorted(routed | (set(cfg.versions) - {cfg.default}))
+
+    def default_version(self, model: str) -> str:
+        if self.rollouts is not None and model in self.rollouts.tables:
+            return self.rollouts.tables[model].stable
+        return self._dep.models[model].default
+
+    def manifest(self, model: str, version: str) -> Manifest:
+        key = (model, version)
+        m = self.manifests.get(key)
+        if m is None:
+            try:
+                m = self.manifests[key] = self._registry.get(model, version).manifest
+            except ConfigError as exc:
+                raise NotReady(f"{model}/{version}: {exc}") from None
+        return m
+
     def resolve(self, model: str, version: str | None) -> tuple[str, Manifest]:
-        cfg = self._dep.models.get(model)
-        if cfg is None:
+        if model not in self._dep.models:
             known = ", ".join(sorted(self._dep.models)) or "none"
             raise NotFound(f"model {model!r} not found (served: {known})", field="model")
-        v = version or cfg.default
-        manifest = self.manifests.get((model, v))
-        if manifest is None:
-            known = ", ".join(sorted(cfg.versions))
+        v = version or self.default_version(model)
+        served = self.served_versions(model)
+        if v not in served:
             raise NotFound(
-                f"version {v!r} of model {model!r} not found (served: {known})", field="version"
+                f"version {v!r} of model {model!r} not found (served: {', '.join(served)})",
+                field="version",
             )
-        return v, manifest
+        return v, self.manifest(model, v)
+
+    def _route(
+        self,
+        model: str,
+        version: str | None,
+        pinned: str | None,
+        instances: Any,
+        tensors: Arrays | None,
+        headers: Mapping[str, str],
+    ) -> tuple[str | None, Arm]:
+        """The version for this request: the path's version or the pin header win;
+        else the routing table, sticky on the table's key when it has one."""
+        if version is not None or pinned is not None:
+            return version or pinned, "pinned"
+        if self.rollouts is None:
+            return None, "stable"
+        key = self.rollouts.sticky_field(model)
+        sticky: str | None = None
+        if key is not None:
+            if key.startswith("header:"):
+                sticky = headers.get(key[7:].lower())
+            elif tensors is not None and key in tensors and len(tensors[key]):
+                first = tensors[key][0]
+                sticky = first.decode() if isinstance(first, bytes) else str(first)
+            elif isinstance(instances, list) and instances and isinstance(instances[0], dict):
+                value = instances[0].get(key)
+                sticky = None if value is None else str(value)
+        return self.rollouts.route(model, sticky, None)
+
+    def _feature_columns(self, key: tuple[str, str], m: Manifest) -> list[tuple[str, str, float]]:
+        cols = self._columns.get(key)
+        if cols is None:
+            assert m.features is not None
+            cols = self._columns[key] = m.features.resolve_columns(m.inputs[0].columns or [])
+        return cols
+
+    def _feature_store(self) -> RedisFeatureStore:
+        if self._features is None:
+            s = self._settings
+            self._features = RedisFeatureStore(
+                s.redis_url,
+                s.feature_namespace,
+                timeout_s=s.feature_timeout_s,
+                cache_ttl_s=s.feature_cache_ttl_s,
+                max_connections=s.redis_max_connections,
+            )
+        return self._features
 
     def _handle(self, model: str, version: str) -> ReplicaHandle:
         key = (model, version)
@@ -135,9 +225,22 @@ class Pipeline:
         *,
         timeout_s: float | None = None,
         protocol: str = "http",
+        pinned: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
     ) -> Prediction:
         """v1: TF-Serving-style JSON instances."""
-        return await self._predict(model, version, instances, None, timeout_s, protocol)
+        return await self._predict(
+            model,
+            version,
+            instances,
+            None,
+            timeout_s,
+            protocol,
+            pinned,
+            headers or {},
+            request_id,
+        )
 
     async def predict_tensors(
         self,
@@ -147,10 +250,23 @@ class Pipeline:
         *,
         timeout_s: float | None = None,
         protocol: str = "v2",
+        pinned: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
     ) -> Prediction:
         """Open Inference Protocol: batch-first arrays keyed by input name (for a
         feature-backed model, keyed by instance field: entity keys and request fields)."""
-        return await self._predict(model, version, None, tensors, timeout_s, protocol)
+        return await self._predict(
+            model,
+            version,
+            None,
+            tensors,
+            timeout_s,
+            protocol,
+            pinned,
+            headers or {},
+            request_id,
+        )
 
     async def _predict(
         self,
@@ -160,8 +276,13 @@ class Pipeline:
         tensors: Arrays | None,
         timeout_s: float | None,
         protocol: str,
+        pinned: str | None,
+        headers: Mapping[str, str],
+        request_id: str | None,
     ) -> Prediction:
         t0 = time.perf_counter()
+        await self.ensure_started()
+        self._inflight[model] = self._inflight.get(model, 0) + 1
         deadline = min(
             timeout_s or self._settings.request_timeout_s, self._settings.request_timeout_s
         )
@@ -170,8 +291,10 @@ class Pipeline:
         code = "ok"
         degraded: list[str] = []
         t_features = 0.0
+        arm: Arm = "stable"
         try:
-            v, manifest = self.resolve(model, version)
+            v, arm = self._route(model, version, pinned, instances, tensors, headers)
+            v, manifest = self.resolve(model, v)
             if manifest.features is None:
                 arrays = (
                     decode_instances(manifest.inputs, instances, limit)
@@ -194,9 +317,21 @@ class Pipeline:
             code = exc.code
             raise
         finally:
+            self._inflight[model] -= 1
             metrics().requests.inc(
-                1, tags={"model": model, "version": v or "", "protocol": protocol, "code": code}
+                1,
+                tags={
+                    "model": model,
+                    "version": v or "",
+                    "arm": arm,
+                    "protocol": protocol,
+                    "code": code,
+                },
             )
+            if self.rollouts is not None and v is not None and code != "not_found":
+                self.rollouts.recorder.request(
+                    model, v, time.perf_counter() - t0, code in SERVER_FAULTS
+                )
         timings = {
             "decode": t_decoded - t0 - t_features,
             "features": t_features,
@@ -214,7 +349,112 @@ class Pipeline:
                 m.stage.observe(secs, tags={**tags, "stage": stage})
         if degraded:
             m.degraded.inc(1, tags={**tags, "reason": degraded[0].split(":")[1]})
-        return Prediction(result.outputs, manifest, model, v, result.batch_size, timings, degraded)
+        if request_id and self.feedback is not None and "label" in result.outputs:
+            self.feedback.record(request_id, model, v, np.asarray(result.outputs["label"]))
+        monitor = self._drift_monitor(model, v, manifest)
+        if monitor is not None:
+            monitor.observe(arrays.get(manifest.inputs[0].name), result.outputs)
+        if self.rollouts is not None and arm != "pinned":
+            shadow = self.rollouts.shadow_for(model)
+            if shadow is not None and shadow != v:
+                self._start_shadow(model, shadow, manifest, arrays, result.outputs)
+        return Prediction(
+            result.outputs, manifest, model, v, result.batch_size, timings, degraded, arm
+        )
+
+    # ---- monitoring ------------------------------------------------------------------
+    async def ensure_started(self) -> None:
+        """Background work, started once from the running loop: rollout state and the
+        gauges for accuracy, drift and in-flight requests (every few seconds)."""
+        if self._monitor is not None:
+            return
+        self._monitor = asyncio.create_task(self._monitor_loop())
+        if self.rollouts is not None:
+            await self.rollouts.ensure_started()
+
+    def _drift_monitor(self, model: str, version: str, m: Manifest) -> DriftMonitor | None:
+        key = (model, version)
+        if key not in self._drift:
+            self._drift[key] = (
+                DriftMonitor(m.drift, m.inputs[0].columns) if m.drift is not None else None
+            )
+        return self._drift[key]
+
+    async def monitoring(self, model: str, version: str) -> dict[str, Any]:
+        """What the accuracy and drift gauges hold for one version (this replica)."""
+        self.resolve(model, version)
+        out: dict[str, Any] = {"model": model, "version": version}
+        if self.feedback is not None:
+            out["accuracy"] = await self.feedback.accuracy(model, version)
+        monitor = self._drift.get((model, version))
+        if monitor is not None:
+            features, prediction = monitor.psi()
+            out["psi"] = {"features": features, "prediction": prediction}
+        return out
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_EVERY_S)
+            try:
+                await self._publish_gauges()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: gauges keep their last values
+                log.debug("monitoring gauges not updated: %s", exc)
+
+    async def _publish_gauges(self) -> None:
+        m = metrics()
+        for model, n in self._inflight.items():
+            m.inflight.set(n, tags={"model": model})
+        for (model, version), monitor in self._drift.items():
+            if monitor is None:
+                continue
+            features, prediction = monitor.psi()
+            for name, value in features.items():
+                m.feature_psi.set(value, tags={"model": model, "version": version, "feature": name})
+            if prediction is not None:
+                m.prediction_psi.set(prediction, tags={"model": model, "version": version})
+        if self.feedback is not None:
+            for model in self._dep.models:
+                for version in self.served_versions(model):
+                    for window, acc in (await self.feedback.accuracy(model, version)).items():
+                        if acc is not None:
+                            m.accuracy.set(
+                                acc, tags={"model": model, "version": version, "window": window}
+                            )
+
+    # ---- shadow ----------------------------------------------------------------------
+    def _start_shadow(
+        self, model: str, version: str, manifest: Manifest, arrays: Arrays, served: Arrays
+    ) -> None:
+        """Send a copy to the shadow version without delaying the answer; its result is
+        compared with the served one and its failures never reach the client."""
+        if self._shadow_slots is None:
+            self._shadow_slots = asyncio.Semaphore(MAX_SHADOWS_IN_FLIGHT)
+        if self._shadow_slots.locked():
+            metrics().shadow.inc(1, tags={"model": model, "version": version, "outcome": "dropped"})
+            return
+        task = asyncio.create_task(self._shadow(model, version, manifest, arrays, served))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(
+        self, model: str, version: str, manifest: Manifest, arrays: Arrays, served: Arrays
+    ) -> None:
+        assert self._shadow_slots is not None and self.rollouts is not None
+        async with self._shadow_slots:
+            error, agree = False, False
+            try:
+                result = await self._call(
+                    model, version, "predict", self._settings.request_timeout_s, arrays
+                )
+                agree = all(agreement(served, result.outputs, [o.name for o in manifest.outputs]))
+            except Exception as exc:  # never reaches the client: counted and logged
+                error = True
+                log.debug("shadow %s/%s failed: %s", model, version, exc)
+            self.rollouts.recorder.shadow(model, version, error=error, agree=agree)
+            outcome = "error" if error else ("agree" if agree else "disagree")
+            metrics().shadow.inc(1, tags={"model": model, "version": version, "outcome": outcome})
 
     async def _with_features(
         self, model: str, version: str, manifest: Manifest, raw: list[dict[str, Any]]
@@ -222,15 +462,15 @@ class Pipeline:
         """Validated records → stored features (one round trip) → vectors, applying the
         model's policy to whatever was missing, stale or unreachable."""
         cfg = manifest.features
-        assert cfg is not None and self._features is not None
-        stored, problems = await self._features.lookup(cfg, raw)
+        assert cfg is not None
+        stored, problems = await self._feature_store().lookup(cfg, raw)
         degraded: list[str] = []
         if problems:
             if cfg.policy == "reject":
                 raise _rejection(cfg.view(problems[0].view).entity, problems)
             degraded = [f"{p.view}:{p.outcome}:{p.entity}" for p in problems[:10]]
         vectors = build_vectors(
-            self._columns[(model, version)], raw, stored, manifest.inputs[0].dtype
+            self._feature_columns((model, version), manifest), raw, stored, manifest.inputs[0].dtype
         )
         return {cfg.input: vectors}, degraded
 
@@ -277,7 +517,8 @@ class Pipeline:
             return False
 
     async def readiness(self) -> dict[tuple[str, str], bool]:
-        keys = list(self.manifests)
+        await self.ensure_started()
+        keys = [(m, v) for m in self._dep.models for v in self.served_versions(m)]
         states = await asyncio.gather(*(self.version_ready(m, v) for m, v in keys))
         return dict(zip(keys, states))
 
@@ -287,12 +528,6 @@ class Pipeline:
             model, version, "batching", self._settings.ready_probe_timeout_s
         )
         return result
-
-    def default_version(self, model: str) -> str:
-        return self._dep.models[model].default
-
-    def served_versions(self, model: str) -> list[str]:
-        return list(self._dep.models[model].versions)
 
 
 def _rejection(entity_field: str, problems: list[Problem]) -> Exception:

@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.drift import DriftReference
 from serving.errors import ConfigError
 from serving.features import FeatureConfig
 from serving.settings import WarmupConfig, read_yaml, validate_file
@@ -108,6 +109,8 @@ class Manifest(BaseModel):
     # Online features: when set, instances carry entity keys and request fields, and the
     # gateway builds the input named `features.input` from them and the feature store.
     features: FeatureConfig | None = None
+    # Training-time histograms of inputs and predictions, for drift (PSI) monitoring.
+    drift: DriftReference | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     training: dict[str, str | int | float] = Field(default_factory=dict)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from ray import serve
 
 from serving import batching
+from serving.autoscale import P95_METRIC
 from serving.errors import ModelError
 from serving.metrics import metrics
 from serving.registry import Manifest, Registry
@@ -80,6 +82,8 @@ class ModelReplica:
         self._tags = {"model": model, "version": version}
         # One inference thread: batches run one at a time, in arrival order.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model}-{version}")
+        # (monotonic time, queue wait + inference) per request: the autoscaling signal.
+        self._recent: deque[tuple[float, float]] = deque(maxlen=8192)
         self._warm(WarmupConfig(**warmup) if warmup else self._manifest.warmup)
         self._apply_batching(BatchingOverride())
         log.info("%s/%s ready on %s", model, version, self._runtime.device)
@@ -106,6 +110,14 @@ class ModelReplica:
         """Live batching changes from the deployment's `user_config`; no restart."""
         self._apply_batching(BatchingOverride.model_validate(user_config or {}))
         log.info("batching now max_batch_size=%d wait=%.4fs", self._max_batch, self._wait)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """p95 of queue wait + inference over the last 10 s, for serving.autoscale."""
+        cutoff = time.monotonic() - 10.0
+        recent = [v for t, v in self._recent if t >= cutoff]
+        p95 = float(np.percentile(recent, 95)) if recent else 0.0
+        metrics().replica_p95.set(p95, tags=self._tags)
+        return {P95_METRIC: p95}
 
     async def ready(self) -> bool:
         return True  # reachable only after __init__, i.e. after warm-up
@@ -148,8 +160,11 @@ class ModelReplica:
                 log.exception("inference failed")
                 raise ModelError(f"inference failed: {type(exc).__name__}: {exc}") from None
             infer_s = time.perf_counter() - t
+            done_at = time.monotonic()
             for i, part in zip(group, batching.split(outputs, counts)):
-                out[i] = _Done(part, started - items[i].enqueued, infer_s, total)
+                queue_s = started - items[i].enqueued
+                out[i] = _Done(part, queue_s, infer_s, total)
+                self._recent.append((done_at, queue_s + infer_s))
         m = metrics()
         m.batch_size.observe(total, tags=self._tags)
         return [d for d in out if d is not None]

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8000
-    grpc_port: int = 9000
+    grpc_port: int = 9000  # gRPC (Open Inference Protocol), in every ingress replica
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     # Join an existing Ray cluster when set (RAY_ADDRESS is honoured too); otherwise
@@ -60,11 +60,20 @@ class Settings(BaseSettings):
     feature_cache_ttl_s: float = 0.0
     redis_max_connections: int = 16
 
+    # Prediction records kept for joining delayed labels (POST /v1/feedback).
+    prediction_ttl_s: float = 24 * 3600.0
+    # Ray's per-node metrics endpoint (every replica on the node), for Prometheus.
+    metrics_port: int = 8080
+
     admin_token: str | None = None
     admin_token_file: Path = Path.home() / ".config" / "serving" / "admin-token"
 
     def gateway_url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}"
+
+    def grpc_target(self) -> str:
+        """host:port of the Open Inference Protocol gRPC service."""
+        return f"{self.http_host}:{self.grpc_port}"
 
 
 class BatchingOverride(BaseModel):
@@ -88,6 +97,12 @@ class AutoscalingConfig(BaseModel):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
     target_ongoing_requests: float = Field(default=8.0, gt=0)
+    # With an SLO, the latency-aware policy (serving.autoscale) decides instead of
+    # Ray's default queue-length policy: scale up while queue wait + inference p95 is
+    # above it, down when it is well below.
+    latency_slo_ms: float | None = Field(default=None, gt=0)
+    upscale_delay_s: float = Field(default=3.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:

@@ -30,21 +30,36 @@ class GatewayUnderTest:
     registry: Path
     redis: RedisServer
     readiness_log: list[tuple[int, Any]] = field(default_factory=list)
+    metrics_port: int = 0
+    grpc_target: str = ""  # host:port of the gateway's gRPC (Open Inference Protocol)
 
     def admin(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"}
 
 
+@dataclass
+class RayServe:
+    http_port: int
+    metrics_port: int
+
+
 @pytest.fixture(scope="session")
-def ray_serve() -> Iterator[int]:
+def ray_serve() -> Iterator[RayServe]:
     import ray
     from ray import serve
 
-    port = free_port()
-    # Logical CPUs beyond the 2 real cores let every replica be scheduled at once.
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
+    ports = RayServe(free_port(), free_port())
+    # Logical CPUs beyond the 2 real cores let every replica be scheduled at once;
+    # metrics are reported every second so a Prometheus test need not wait long.
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=ports.metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": ports.http_port})
+    yield ports
     serve.shutdown()
     ray.shutdown()
 
@@ -59,12 +74,68 @@ def _registry_copy(src: Path, dst: Path) -> Path:
     manifest["version"] = "v1strict"
     manifest["features"]["policy"] = "reject"
     (strict / "model.yaml").write_text(yaml.safe_dump(manifest))
+    build_rollout_model(dst / "digits" / "v1", dst / "rollme")
+    scaleme = dst / "scaleme" / "v1"
+    scaleme.mkdir(parents=True)
+    shutil.copy(dst / "rollme" / "v4slow" / "model.pt", scaleme / "model.pt")
+    manifest = yaml.safe_load((dst / "rollme" / "v4slow" / "model.yaml").read_text())
+    (scaleme / "model.yaml").write_text(
+        yaml.safe_dump({**manifest, "name": "scaleme", "version": "v1"})
+    )
     return dst
+
+
+def build_rollout_model(digits: Path, root: Path) -> None:
+    """`rollme`: v1 and v2 are the digits CNN; v3bad fails on images whose first pixel
+    is set; v4slow answers correctly but spends ~0.3 s per batch."""
+    import torch
+
+    inner = torch.jit.load(str(digits / "model.pt"))
+
+    class Faulty(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if bool((image[:, 0, 0] > 0.5).any()):
+                raise RuntimeError("injected fault")
+            return self.inner(image)
+
+    class Slow(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.w = torch.nn.Parameter(torch.eye(384) * 0.5, requires_grad=False)
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.ones(384, 384)
+            for _ in range(60):
+                x = torch.relu(x @ self.w)
+            label, probs = self.inner(image)
+            return label, probs + x[0, 0] * 0.0
+
+    manifest = yaml.safe_load((digits / "model.yaml").read_text())
+    for version, module in (
+        ("v1", None),
+        ("v2", None),
+        ("v3bad", Faulty(inner)),
+        ("v4slow", Slow(inner)),
+    ):
+        folder = root / version
+        folder.mkdir(parents=True)
+        if module is None:
+            shutil.copy(digits / "model.pt", folder / "model.pt")
+        else:
+            torch.jit.save(torch.jit.script(module), str(folder / "model.pt"))
+        (folder / "model.yaml").write_text(
+            yaml.safe_dump({**manifest, "name": "rollme", "version": version})
+        )
 
 
 @pytest.fixture(scope="session")
 def gateway(
-    ray_serve: int,
+    ray_serve: RayServe,
     registry_root: Path,
     redis_server: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
@@ -91,6 +162,22 @@ def gateway(
                             },
                         },
                     },
+                    "rollme": {"default": "v1", "versions": {"v1": {}}},
+                    # The slow digits copy under a tight SLO: load must scale it up.
+                    "scaleme": {
+                        "default": "v1",
+                        "versions": {
+                            "v1": {
+                                "autoscaling": {
+                                    "min_replicas": 1,
+                                    "max_replicas": 2,
+                                    "latency_slo_ms": 100,
+                                    "upscale_delay_s": 1,
+                                    "downscale_delay_s": 3,
+                                }
+                            }
+                        },
+                    },
                     # Long warm-up: /readyz must say 503 while it runs.
                     "digits": {
                         "default": "v1",
@@ -102,8 +189,9 @@ def gateway(
     )
     settings = Settings(
         config=cfg_path,
-        http_port=ray_serve,
+        http_port=ray_serve.http_port,
         admin_token=TOKEN,
+        grpc_port=free_port(),
         redis_url=redis_server.url,
         # Generous for a loaded 2-core CI machine; the fault test checks the bound.
         feature_timeout_s=0.5,
@@ -118,7 +206,14 @@ def gateway(
         )
     dep = load_deployment(cfg_path)
     serving_app.apply_config(serving_app.serve_config(settings, dep, TOKEN))
-    gw = GatewayUnderTest(settings.gateway_url(), TOKEN, registry, redis_server)
+    gw = GatewayUnderTest(
+        settings.gateway_url(),
+        TOKEN,
+        registry,
+        redis_server,
+        metrics_port=ray_serve.metrics_port,
+        grpc_target=settings.grpc_target(),
+    )
     deadline = time.monotonic() + 240
     with httpx.Client(timeout=5.0) as client:
         while time.monotonic() < deadline:

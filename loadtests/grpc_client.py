@@ -1,0 +1,79 @@
+"""The gRPC transport: Open Inference Protocol `ModelInfer` with raw_input_contents.
+
+Requests are built once per body (through the gateway's own OIP client helpers, from the
+model's metadata) and serialized once; each call sends the bytes as they are and keeps
+the answer undecoded: the generator only needs the status and the `server-timing`
+trailing metadata. One channel, i.e. one HTTP/2 connection multiplexing every call, as
+gRPC clients do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import orjson
+
+from loadtests.loadgen import Reply, now
+from loadtests.scenarios import Scenario
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _identity(x: bytes) -> bytes:
+    return x
+
+
+class GrpcClient:
+    """`path` is the model name; its default version answers, as over HTTP."""
+
+    def __init__(self, channel: grpc.aio.Channel, requests: list[bytes], flag: bytes | None):
+        self._channel = channel
+        self._requests = requests
+        self._flag = flag
+        self._infer = channel.unary_unary(
+            METHOD, request_serializer=_identity, response_deserializer=_identity
+        )
+        self.connections_opened = 1
+
+    @classmethod
+    async def create(
+        cls, host: str, port: int, model: str, scenario: Scenario, bodies: list[bytes]
+    ) -> GrpcClient:
+        from serving import oip, oip_client
+        from serving.proto import grpc_predict_v2_pb2 as pb
+        from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+        channel = grpc.aio.insecure_channel(f"{host}:{port}")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
+        inputs: list[dict[str, Any]] = [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs
+        ]
+        requests = []
+        for body in bodies:
+            tensors = oip_client.to_tensors(inputs, orjson.loads(body)["instances"])
+            req = pb.ModelInferRequest(model_name=model)
+            for name, datatype, arr in tensors:
+                req.inputs.add(name=name, datatype=datatype, shape=arr.shape)
+                req.raw_input_contents.append(oip.encode_raw(arr))
+            requests.append(req.SerializeToString())
+        # The parameters map of a degraded answer holds the key "degraded".
+        return cls(channel, requests, b"degraded" if scenario.flag else None)
+
+    async def call(self, i: int) -> Reply:
+        sent = now()
+        call = self._infer(self._requests[i % len(self._requests)], timeout=10.0)
+        try:
+            answer: bytes = await call
+        except grpc.aio.AioRpcError as exc:
+            return Reply(False, exc.code().value[0], sent)
+        timing = None
+        for key, value in await call.trailing_metadata() or ():
+            if key == "server-timing":
+                timing = value.encode() if isinstance(value, str) else value
+        flagged = self._flag is not None and self._flag in answer
+        return Reply(True, 0, sent, timing, flagged)
+
+    async def aclose(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,343 @@
+"""results.json, results.md and the plots, from the dict `loadtests.run.run` builds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+ORDER = ("gateway", "gateway-grpc", "naive", "uvicorn")
+COLORS = {
+    "gateway": "tab:blue",
+    "gateway-grpc": "tab:purple",
+    "naive": "tab:red",
+    "uvicorn": "tab:green",
+}
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_finite(results), indent=1) + "\n")
+    plots = _plots(results, out)
+    (out / "results.md").write_text(markdown(results, plots))
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no infinity: a percentile that includes failed requests becomes null
+    (the summary's `errors` says how many failed)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _ms(x: float | None, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if math.isinf(x):
+        return "∞"
+    return f"{x:.{digits}f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def markdown(results: dict[str, Any], plots: list[str]) -> str:
+    meta = results["meta"]
+    plan = meta["plan"]
+    slo = plan["slo_ms"]
+    lines = [
+        "# Load test results",
+        "",
+        f"{'Quick' if meta['quick'] else 'Full'} run of `python -m loadtests`, "
+        f"{meta['date']}, {meta.get('elapsed_s', '?')} s. "
+        f"SLO: p99 ≤ {slo:g} ms. All systems ran side by side on the same machine, the "
+        "same model artifacts and the same Redis data; one system is loaded at a time.",
+        "",
+    ]
+    if results.get("aborted"):
+        lines += [f"**Run aborted**: {results['aborted']} (partial results below).", ""]
+    lines += _ratios_section(results)
+    for name, sc in results["scenarios"].items():
+        lines += [f"## Scenario `{name}`", "", sc["description"], ""]
+        if sc["skip"]:
+            lines += [f"Skipped: {sc['skip']}", ""]
+            continue
+        lines += _scenario_tables(sc, results.get("ceiling", {}).get(name), slo)
+    lines += _timing_section(results)
+    lines += _generator_section(results)
+    lines += _ceiling_section(results)
+    lines += _machine_section(meta)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _ratios_section(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Ratios against the naive Ray Serve baseline",
+        "",
+        "Ours = the gateway over HTTP (same request, same JSON as the baselines); the gRPC "
+        "row shows the same gateway reached over gRPC.",
+        "",
+        "| scenario | throughput at SLO, ours / naive (target ≥ 2×) "
+        "| serial p50, ours / naive (target ≤ 0.5×) | peak throughput, ours / naive "
+        "| serial p50, ours / uvicorn |",
+        "|---|---|---|---|---|",
+    ]
+    for name, sc in results["scenarios"].items():
+        r = sc.get("ratios") or {}
+        if sc["skip"]:
+            continue
+        for prefix, label in (("", name), ("grpc_", f"{name} (gRPC)")):
+            if prefix and not any(k.startswith(prefix) for k in r):
+                continue
+            lines.append(
+                f"| {label} | {_ratio(r.get(prefix + 'throughput_at_slo_vs_naive'))} "
+                f"| {_ratio(r.get(prefix + 'serial_p50_vs_naive'))} "
+                f"| {_ratio(r.get(prefix + 'peak_throughput_vs_naive'))} "
+                f"| {_ratio(r.get(prefix + 'serial_p50_vs_uvicorn'))} |"
+            )
+    return [*lines, ""]
+
+
+def _scenario_tables(sc: dict[str, Any], ceiling: dict[str, Any] | None, slo: float) -> list[str]:
+    systems = sc["systems"]
+    lines = [
+        "| system | serial p50 / p95 / p99 (ms) | closed-loop peak (req/s @ clients) "
+        f"| throughput at p99 ≤ {slo:g} ms (req/s @ clients) | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for name in _ordered(systems):
+        m = systems[name]
+        lat = m["serial"]["latency_ms"]
+        errors = m["serial"]["errors"] + sum(r["errors"] for r in m["closed"] + m["open"])
+        at = (
+            f"{m['rps_at_slo']:.0f} @ {m['concurrency_at_slo']}"
+            if m["concurrency_at_slo"]
+            else "none met the SLO"
+        )
+        lines.append(
+            f"| {name} | {_ms(lat['p50'], 2)} / {_ms(lat['p95'], 2)} / {_ms(lat['p99'], 2)} "
+            f"| {m['peak_rps']:.0f} @ {m['peak_concurrency']} | {at} | {errors} |"
+        )
+    if ceiling:
+        b = ceiling["best"]
+        lines.append(
+            f"| ceiling (runtime alone) | batch 1: {_ms(ceiling['sizes'][0]['batch_p50_ms'], 3)}"
+            f" | {b['rows_per_s']:,.0f} rows/s @ batch {b['batch_size']} | — | — |"
+        )
+    rates = sorted({r["offered_rps"] for m in systems.values() for r in m["open"]})
+    if rates:
+        lines += [
+            "",
+            "Open loop (fixed arrival schedule; latency from the scheduled send), "
+            "p50 / p99 ms (achieved req/s); — = not run, beyond 1.25× the system's "
+            "closed-loop peak:",
+            "",
+            "| system | " + " | ".join(f"{r:g} req/s" for r in rates) + " |",
+            "|---|" + "---|" * len(rates),
+        ]
+        for name in _ordered(systems):
+            by_rate = {r["offered_rps"]: r for r in systems[name]["open"]}
+            cells = []
+            for rate in rates:
+                r = by_rate.get(rate)
+                if r is None:
+                    cells.append("—")
+                    continue
+                lat = r["latency_ms"]
+                err = f", {r['errors']} err" if r["errors"] else ""
+                cells.append(
+                    f"{_ms(lat['p50'])} / {_ms(lat['p99'])} ({r['throughput_rps']:.0f}{err})"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name in _ordered(systems):
+        m = systems[name]
+        flagged = sum(r.get("flagged", 0) for r in [m["serial"], *m["closed"], *m["open"]])
+        if flagged:
+            lines += ["", f"{name}: {flagged} answers were marked degraded (default features)."]
+    return [*lines, ""]
+
+
+def _timing_section(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, sc in results["scenarios"].items():
+        for system in ("gateway", "gateway-grpc"):
+            gw = sc["systems"].get(system)
+            st = gw and gw["serial"].get("server_timing")
+            if not st:
+                continue
+            stages = st["stages_mean_ms"]
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "total")
+            rows.append(
+                f"| {name} | {system} | {100 * st['coverage']:.0f}% | {st['client_mean_ms']:.2f}"
+                f" | {stages.get('total', math.nan):.2f} | {parts} "
+                f"| {st['outside_total_mean_ms']:.2f} "
+                f"| {st['inside_total_unattributed_mean_ms']:.2f} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Server-Timing coverage (our gateway, serial run)",
+        "",
+        "Coverage = mean over requests of (sum of the stages except `total`) / client-measured "
+        "latency; target ≥ 90%. *Outside total* is the client latency minus the gateway's "
+        "`total`: over HTTP, Ray Serve's proxy, its hop into the ingress replica, the ASGI "
+        "framework before our handler starts the clock, and the client; over gRPC (served in "
+        "the ingress replica, no proxy), gRPC's own framing and the client. *Inside, "
+        "unattributed* is `total` minus the stages.",
+        "",
+        "| scenario | system | coverage | client mean (ms) | total (ms) | stages, mean ms "
+        "| outside total (ms) | inside, unattributed (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _generator_section(results: dict[str, Any]) -> list[str]:
+    g = results.get("generator")
+    if not g:
+        return []
+    s, c, o = g["serial"], g["closed"], g["open_1000"]
+    # CPU per request over every run of the report, weighted by requests, per transport.
+    cpu: dict[str, list[float]] = {"HTTP": [0.0, 0.0], "gRPC (grpc.aio)": [0.0, 0.0]}
+    for sc in results["scenarios"].values():
+        for system, m in sc["systems"].items():
+            acc = cpu["gRPC (grpc.aio)" if system.endswith("grpc") else "HTTP"]
+            for r in [m["serial"], *m["closed"], *m["open"]]:
+                acc[0] += r["client_cpu_us_per_request"] * r["requests"]
+                acc[1] += r["requests"]
+    overall = "; ".join(f"{k} {us / n:.0f} µs" for k, (us, n) in cpu.items() if n) or "—"
+    return [
+        "## Load generator overhead",
+        "",
+        "The generator (raw asyncio HTTP/1.1, keep-alive, pre-encoded requests, uvloop) runs "
+        "in its own process. Against a trivial raw-asyncio server:",
+        "",
+        f"- serial p50 {s['latency_ms']['p50']:.3f} ms, p99 {s['latency_ms']['p99']:.3f} ms "
+        "(the floor any measured latency includes);",
+        f"- CPU per request: {s['client_cpu_us_per_request']:.0f} µs serial, "
+        f"{c['client_cpu_us_per_request']:.0f} µs at {c['throughput_rps']:.0f} req/s "
+        f"(8 clients), {o['client_cpu_us_per_request']:.0f} µs open-loop at 1000 req/s;",
+        f"- open-loop send lag at 1000 req/s: p50 {o['send_lag_ms']['p50']:.3f} ms, "
+        f"p99 {o['send_lag_ms']['p99']:.3f} ms (negative: sent up to 1 ms early by design, "
+        "latency then counts from the actual send; a late send counts from its due time);",
+        f"- CPU per request over every run of this report (includes idle waits at low "
+        f"rates): {overall}.",
+        "",
+    ]
+
+
+def _ceiling_section(results: dict[str, Any]) -> list[str]:
+    ceil = results.get("ceiling") or {}
+    if not ceil:
+        return []
+    lines = [
+        "## Ceiling: the runtime alone",
+        "",
+        "Back-to-back `predict` on held-out rows (vectors built offline), 1 intra-op thread "
+        "as in the replicas. rows/s (per-batch p50 ms):",
+        "",
+    ]
+    sizes = [s["batch_size"] for s in next(iter(ceil.values()))["sizes"]]
+    lines += [
+        "| model | " + " | ".join(str(b) for b in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for c in ceil.values():
+        cells = [f"{s['rows_per_s']:,.0f} ({s['batch_p50_ms']:.3f})" for s in c["sizes"]]
+        lines.append(f"| {c['model']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _machine_section(meta: dict[str, Any]) -> list[str]:
+    env = ", ".join(f"{k}={v}" for k, v in meta.get("ray_env", {}).items()) or "none"
+    la0 = ", ".join(f"{x:.2f}" for x in meta["loadavg_start"])
+    la1 = ", ".join(f"{x:.2f}" for x in meta.get("loadavg_end", ()))
+    return [
+        "## Machine",
+        "",
+        f"- CPU: {meta['cpu']}; {meta['cores']} cores ({meta['usable_cores']} usable); "
+        f"memory {meta['memory_gib']} GiB; {meta['os']}",
+        f"- Python {meta['python']}, Ray {meta['ray']}, onnxruntime {meta['onnxruntime']}, "
+        f"torch {meta['torch']}, FastAPI {meta['fastapi']}, uvicorn {meta['uvicorn']}, "
+        f"redis-server {meta['redis_server']}",
+        f"- Ray: {meta['ray_num_cpus']} logical CPUs; extra environment: {env}",
+        f"- load average at start: {la0}; at end: {la1}",
+        f"- date: {meta['date']}",
+        "",
+    ]
+
+
+def _ordered(systems: dict[str, Any]) -> list[str]:
+    return [s for s in ORDER if s in systems] + [s for s in systems if s not in ORDER]
+
+
+def _plots(results: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slo = results["meta"]["plan"]["slo_ms"]
+    files: list[str] = []
+    scenarios = {n: sc for n, sc in results["scenarios"].items() if sc["systems"]}
+    for name, sc in scenarios.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for system in _ordered(sc["systems"]):
+            runs = sc["systems"][system]["open"]
+            pts = [
+                (r["offered_rps"], r["latency_ms"]["p50"], r["latency_ms"]["p99"])
+                for r in runs
+                if r["latency_ms"]["p99"] is not None and math.isfinite(r["latency_ms"]["p99"])
+            ]
+            if not pts:
+                continue
+            x, p50, p99 = zip(*pts)
+            color = COLORS.get(system)
+            ax.plot(x, p50, "o-", color=color, label=f"{system} p50")
+            ax.plot(x, p99, "s--", color=color, label=f"{system} p99")
+        ax.axhline(slo, color="grey", lw=0.8, ls=":", label=f"SLO {slo:g} ms")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (req/s, open loop)")
+        ax.set_ylabel("latency (ms, from scheduled send)")
+        ax.set_title(f"{name}: latency vs offered load")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fname = f"latency_vs_load_{name}.png"
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+    if scenarios:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        names = list(scenarios)
+        systems = _ordered({s: 1 for sc in scenarios.values() for s in sc["systems"]})
+        width = 0.8 / max(len(systems), 1)
+        for k, system in enumerate(systems):
+            xs = [i + (k - (len(systems) - 1) / 2) * width for i in range(len(names))]
+            at = [scenarios[n]["systems"].get(system, {}).get("rps_at_slo", 0.0) for n in names]
+            peak = [scenarios[n]["systems"].get(system, {}).get("peak_rps", 0.0) for n in names]
+            color = COLORS.get(system)
+            ax.bar(xs, peak, width, color=color, alpha=0.25)
+            bars = ax.bar(xs, at, width, color=color, label=system)
+            ax.bar_label(bars, labels=[f"{v:.0f}" for v in at], fontsize=7)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel("req/s (closed loop)")
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_title(f"throughput at p99 ≤ {slo:g} ms (solid) and peak (light)")
+        ax.legend()
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "throughput_at_slo.png", dpi=110)
+        plt.close(fig)
+        files.append("throughput_at_slo.png")
+    return files

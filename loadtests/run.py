@@ -1,0 +1,660 @@
+"""The benchmark run: start every system side by side, measure each scenario on each, tear
+everything down (also on Ctrl-C or an error), write the report.
+
+Systems, all serving the same artifacts from the demo registry with the same Redis data:
+  gateway  our gateway (serving.app config: FastAPI ingress + batched model replicas)
+  naive    baseline (a): FastAPI ingress + unbatched model deployment, Ray's defaults
+  uvicorn  baseline (b): one uvicorn process, runtimes in-process
+  ceiling  baseline (c): the runtime alone at its best batch size, no server
+The gateway and the naive app are Serve applications of one local Ray cluster; the
+load generator runs in its own process (loadtests/worker.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtests.scenarios import REGISTRY, ROOT, SCENARIOS, Scenario
+
+SYSTEMS: dict[str, str] = {
+    "gateway": "our gateway over HTTP: Ray Serve FastAPI ingress + @serve.batch replicas",
+    "gateway-grpc": "our gateway over gRPC (OIP ModelInfer, served in the ingress replica)",
+    "naive": "naive Ray Serve: FastAPI ingress → unbatched model deployment, defaults",
+    "uvicorn": "one uvicorn process, FastAPI, runtime in-process",
+    "ceiling": "runtime alone in a tight loop at its best batch size",
+}
+SERVED = ("gateway", "gateway-grpc", "naive", "uvicorn")
+GATEWAYS = ("gateway", "gateway-grpc")
+# Logical CPUs of the local Ray: more than the 2 real cores so that every replica of both
+# Serve applications can be scheduled at once (they are mostly idle, one system at a time
+# is under load).
+RAY_NUM_CPUS = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    serial_n: int
+    serial_warmup: int
+    closed_steps: tuple[int, ...]
+    closed_s: float
+    closed_warmup_s: float
+    rates: tuple[float, ...]
+    open_s: float
+    open_warmup_s: float
+    ceiling_s: float  # per batch size
+    floor_serial_n: int
+    slo_ms: float = 50.0
+
+
+FULL = Plan(
+    serial_n=300,
+    serial_warmup=50,
+    closed_steps=(1, 2, 4, 8, 16, 32, 64),
+    closed_s=3.0,
+    closed_warmup_s=0.5,
+    rates=(10, 25, 50, 100, 200, 400, 800),
+    open_s=4.0,
+    open_warmup_s=0.5,
+    ceiling_s=0.4,
+    floor_serial_n=1000,
+)
+QUICK = Plan(
+    serial_n=60,
+    serial_warmup=10,
+    closed_steps=(1, 8),
+    closed_s=1.2,
+    closed_warmup_s=0.3,
+    rates=(25, 100),
+    open_s=1.5,
+    open_warmup_s=0.3,
+    ceiling_s=0.1,
+    floor_serial_n=300,
+)
+
+
+@dataclass
+class Options:
+    out: Path
+    quick: bool = False
+    scenarios: list[str] = field(default_factory=lambda: ["fraud", "digits"])
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    ray_env: dict[str, str] = field(default_factory=dict)
+    slo_ms: float = 50.0
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- processes we start ------------------------------------------------------------------
+def _stop(proc: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
+    """Terminate one child we started (its own session, so Ctrl-C never reached it)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Worker:
+    """The generator process; one JSON command per line (loadtests/worker.py)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loadtests.worker"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def call(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load generator exited (code {self.proc.poll()})")
+        out = json.loads(line)
+        if not out["ok"]:
+            raise RuntimeError(f"load generator: {out['error']}")
+        result: dict[str, Any] = out["result"]
+        return result
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write('{"op": "quit"}\n')
+            self.proc.stdin.close()
+        _stop(self.proc)
+
+
+@contextlib.contextmanager
+def worker() -> Iterator[Worker]:
+    w = Worker()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+class Child:
+    """A server subprocess in its own session (a terminal's Ctrl-C reaches only us, and
+    we stop it in order); stderr goes to a temporary file shown if it fails."""
+
+    def __init__(self, args: list[str], name: str, log: Any) -> None:
+        self.name = name
+        self.log = log
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+        )
+
+    def wait_ready(self, url: str, timeout_s: float = 120) -> None:
+        _wait_http(url, timeout_s, self.proc, self.name, self.log)
+
+
+@contextlib.contextmanager
+def child(args: list[str], name: str) -> Iterator[Child]:
+    with tempfile.TemporaryFile() as log:
+        c = Child(args, name, log)
+        try:
+            yield c
+        finally:
+            _stop(c.proc)
+
+
+def _wait_http(
+    url: str, timeout_s: float, proc: subprocess.Popen[Any] | None, name: str, log: Any = None
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2.0) as client:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                err = ""
+                if log is not None:
+                    log.seek(0)
+                    err = log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{err}")
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(url).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready at {url} after {timeout_s:.0f}s")
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A private redis-server on a free port (never the shared one on 6379)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed")
+    import redis
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.2, socket_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                if client.ping():
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {port} did not start")
+            time.sleep(0.02)
+        client.close()
+        yield url
+    finally:
+        _stop(proc)
+
+
+def load_features(url: str, namespace: str, scenario: Scenario) -> int:
+    from serving import materialize
+    from serving.registry import Registry
+
+    features = Registry(REGISTRY).get(scenario.model, scenario.version).manifest.features
+    rows = 0
+    for view in features.views if features else []:
+        path = REGISTRY / scenario.model / "features" / f"{view.name}.csv"
+        spec = materialize.find_view(REGISTRY, view.name)
+        rows += materialize.load(url, namespace, spec, path, view.entity).rows
+    return rows
+
+
+@contextlib.contextmanager
+def ray_cluster(env: dict[str, str]) -> Iterator[int]:
+    """A local Ray with Serve's HTTP proxy on a free port; shut down on the way out."""
+    os.environ.update(env)  # Ray's processes inherit it (e.g. RAY_SERVE_* flags)
+    import ray
+    from ray import serve
+
+    port = free_port()
+    try:
+        ray.init(
+            num_cpus=RAY_NUM_CPUS,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        yield port
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+
+
+def gateway_deployment(scenarios: list[Scenario]) -> Any:
+    """deployments/local.yaml (what `make up` serves), restricted to the versions the
+    scenarios use so no idle replica shares the machine."""
+    from serving.settings import load_deployment
+
+    dep = load_deployment(ROOT / "deployments" / "local.yaml", REGISTRY)
+    wanted = {(s.model, s.version) for s in scenarios}
+    models = {}
+    for name, cfg in dep.models.items():
+        versions = {v: c for v, c in cfg.versions.items() if (name, v) in wanted}
+        if versions:
+            default = cfg.default if cfg.default in versions else next(iter(versions))
+            models[name] = cfg.model_copy(update={"versions": versions, "default": default})
+    return dep.model_copy(update={"models": models, "feature_tables": []})
+
+
+# ---- measuring -----------------------------------------------------------------------------
+def measure(
+    w: Worker,
+    plan: Plan,
+    progress: Progress,
+    label: str,
+    target: dict[str, Any],
+) -> dict[str, Any]:
+    """Serial latency, the closed-loop sweep and the open-loop sweep of one system on one
+    scenario."""
+    slo = plan.slo_ms
+    s = w.call({**target, "mode": "serial", "n": plan.serial_n, "warmup": plan.serial_warmup})
+    lat = s["latency_ms"]
+    progress(
+        f"{label} serial: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms"
+        f" ({s['errors']} errors)"
+    )
+    closed: list[dict[str, Any]] = []
+    best = 0.0
+    for c in plan.closed_steps:
+        r = w.call(
+            {
+                **target,
+                "mode": "closed",
+                "concurrency": c,
+                "duration_s": plan.closed_s,
+                "warmup_s": plan.closed_warmup_s,
+            }
+        )
+        closed.append(r)
+        thr, p99 = r["throughput_rps"], r["latency_ms"]["p99"]
+        progress(f"{label} closed-loop {c:3d} clients: {thr:7.1f} req/s, p99 {p99:.1f} ms")
+        # Past the knee: more clients only add queueing.
+        if p99 > 4 * slo and thr < 1.05 * best:
+            break
+        best = max(best, thr)
+    peak = max(closed, key=lambda r: r["throughput_rps"])
+    within = [r for r in closed if r["errors"] == 0 and r["latency_ms"]["p99"] <= slo]
+    at_slo = max(within, key=lambda r: r["throughput_rps"]) if within else None
+    opened: list[dict[str, Any]] = []
+    skipped: list[float] = []
+    for rate in plan.rates:
+        # Far beyond what the closed loop could get, an open loop only builds a queue.
+        if rate > 1.25 * peak["throughput_rps"] or (
+            opened and opened[-1]["latency_ms"]["p99"] > 20 * slo
+        ):
+            skipped.append(rate)
+            continue
+        r = w.call(
+            {
+                **target,
+                "mode": "open",
+                "rate": rate,
+                "duration_s": plan.open_s,
+                "warmup_s": plan.open_warmup_s,
+            }
+        )
+        opened.append(r)
+        lat = r["latency_ms"]
+        progress(
+            f"{label} open-loop {rate:5g} req/s: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f}"
+            f" ms, achieved {r['throughput_rps']:.0f} req/s, {r['errors']} errors"
+        )
+    if skipped:
+        progress(f"{label} open-loop skipped {skipped} req/s (over 1.25x closed-loop peak)")
+    return {
+        "serial": s,
+        "closed": closed,
+        "open": opened,
+        "open_skipped_rps": skipped,
+        "peak_rps": peak["throughput_rps"],
+        "peak_concurrency": peak["concurrency"],
+        "rps_at_slo": at_slo["throughput_rps"] if at_slo else 0.0,
+        "concurrency_at_slo": at_slo["concurrency"] if at_slo else None,
+    }
+
+
+def measure_generator(plan: Plan, progress: Progress, w: Worker) -> dict[str, Any]:
+    """The generator against the floor server: its own cost per request and the lowest
+    latency it can report on this machine."""
+    port = free_port()
+    args = [sys.executable, "-m", "loadtests.floor", "--port", str(port)]
+    target = {
+        "op": "load",
+        "host": "127.0.0.1",
+        "port": port,
+        "path": "/",
+        "scenario": "digits",
+    }
+    with child(args, "floor server") as floor:
+        floor.wait_ready(f"http://127.0.0.1:{port}/")
+        s = w.call({**target, "mode": "serial", "n": plan.floor_serial_n, "warmup": 50})
+        c = w.call({**target, "mode": "closed", "concurrency": 8, "duration_s": 1.5,
+                    "warmup_s": 0.2})
+        o = w.call({**target, "mode": "open", "rate": 1000, "duration_s": 1.5, "warmup_s": 0.2})
+    progress(
+        f"generator floor: serial p50 {s['latency_ms']['p50']:.3f} ms, "
+        f"{s['client_cpu_us_per_request']:.0f} us CPU/request serial, "
+        f"{c['client_cpu_us_per_request']:.0f} us/request at {c['throughput_rps']:.0f} req/s "
+        f"closed-loop; open-loop 1000 req/s send lag p99 {o['send_lag_ms']['p99']:.2f} ms"
+    )
+    return {"serial": s, "closed": c, "open_1000": o}
+
+
+def machine_info() -> dict[str, Any]:
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024**2, 1)
+    redis_v = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
+        redis_v = out.stdout.split()[2].removeprefix("v=") if out.stdout else "unknown"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "memory_gib": mem_gib,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "ray": version("ray"),
+        "onnxruntime": version("onnxruntime"),
+        "torch": version("torch"),
+        "fastapi": version("fastapi"),
+        "uvicorn": version("uvicorn"),
+        "redis_server": redis_v,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def ratios(scenario: dict[str, Any]) -> dict[str, float | None]:
+    """Our gateway against the naive Ray Serve baseline (and, for context, uvicorn)."""
+    systems = scenario["systems"]
+    out: dict[str, float | None] = {}
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    def p50(m: dict[str, Any]) -> float | None:
+        v: float | None = m["serial"]["latency_ms"]["p50"]
+        return v
+
+    nv, uv = systems.get("naive"), systems.get("uvicorn")
+    for system, prefix in (("gateway", ""), ("gateway-grpc", "grpc_")):
+        gw = systems.get(system)
+        if gw and nv:
+            out[prefix + "throughput_at_slo_vs_naive"] = div(gw["rps_at_slo"], nv["rps_at_slo"])
+            out[prefix + "peak_throughput_vs_naive"] = div(gw["peak_rps"], nv["peak_rps"])
+            out[prefix + "serial_p50_vs_naive"] = div(p50(gw), p50(nv))
+        if gw and uv:
+            out[prefix + "serial_p50_vs_uvicorn"] = div(p50(gw), p50(uv))
+            out[prefix + "throughput_at_slo_vs_uvicorn"] = div(gw["rps_at_slo"], uv["rps_at_slo"])
+    return out
+
+
+# ---- the run -------------------------------------------------------------------------------
+def run(opts: Options) -> dict[str, Any]:
+    """Start everything, measure, write the report; whatever was started is stopped on the
+    way out, whatever happened. A partial report is written when the run is cut short."""
+    from loadtests import report
+
+    plan = Plan(**{**asdict(QUICK if opts.quick else FULL), "slo_ms": opts.slo_ms})
+    progress = Progress()
+    scenarios = [SCENARIOS[n] for n in opts.scenarios]
+    runnable = [s for s in scenarios if s.skip is None]
+    results: dict[str, Any] = {
+        "meta": {
+            **machine_info(),
+            "quick": opts.quick,
+            "plan": asdict(plan),
+            "systems": {s: SYSTEMS[s] for s in opts.systems},
+            "ray_env": opts.ray_env,
+            "ray_num_cpus": RAY_NUM_CPUS,
+        },
+        "generator": None,
+        "ceiling": {},
+        "scenarios": {
+            s.name: {"description": s.description, "skip": s.skip, "systems": {}}
+            for s in scenarios
+        },
+    }
+    for s in scenarios:
+        if s.skip:
+            progress(f"scenario {s.name}: {s.skip}")
+    progress(
+        f"{'quick' if opts.quick else 'full'} run: scenarios {[s.name for s in runnable]}, "
+        f"systems {opts.systems}"
+    )
+    # SIGTERM unwinds like Ctrl-C, so every `finally` below runs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with contextlib.ExitStack() as stack:
+            ports = _start(stack, opts, progress, runnable)
+            w = stack.enter_context(worker())
+            # Measured once everything is up and idle: the conditions of the runs below.
+            results["generator"] = measure_generator(plan, progress, w)
+            if "ceiling" in opts.systems:
+                for s in runnable:
+                    results["ceiling"][s.name] = c = w.call(
+                        {"op": "ceiling", "scenario": s.name, "seconds_per_size": plan.ceiling_s}
+                    )
+                    b = c["best"]
+                    progress(
+                        f"ceiling {s.name}: best batch {b['batch_size']}, "
+                        f"{b['rows_per_s']:,.0f} rows/s, {b['batch_p50_ms']:.3f} ms/batch"
+                    )
+            for s in runnable:
+                for system in (x for x in opts.systems if x in SERVED):
+                    out = _measure_system(w, plan, progress, s, system, ports)
+                    if out is not None:
+                        results["scenarios"][s.name]["systems"][system] = out
+    except BaseException as exc:
+        results["aborted"] = f"{type(exc).__name__}: {exc}"
+        progress(f"aborted: {results['aborted']}; everything started was stopped")
+        raise
+    finally:
+        results["meta"]["elapsed_s"] = round(progress.elapsed(), 1)
+        results["meta"]["loadavg_end"] = os.getloadavg()
+        for sc in results["scenarios"].values():
+            if not sc["skip"]:
+                sc["ratios"] = ratios(sc)
+        report.write(results, opts.out)
+        progress(f"wrote {opts.out}/results.json, results.md and plots")
+    return results
+
+
+def _measure_system(
+    w: Worker, plan: Plan, progress: Progress, s: Scenario, system: str, ports: dict[str, int]
+) -> dict[str, Any] | None:
+    path = s.paths.get(system)
+    if path is None:
+        progress(f"{system}/{s.name}: this system has no route for the scenario; skipped")
+        return None
+    target = {
+        "op": "load",
+        "kind": "grpc" if system == "gateway-grpc" else "http",
+        "host": "127.0.0.1",
+        "port": ports[system],
+        "path": path,
+        "scenario": s.name,
+        "timing": system in GATEWAYS,
+    }
+    out = measure(w, plan, progress, f"{system}/{s.name}", target)
+    st = out["serial"].get("server_timing")
+    if st:
+        progress(
+            f"{system}/{s.name} Server-Timing covers {100 * st['coverage']:.0f}% of client "
+            f"latency; outside the gateway's `total`: {st['outside_total_mean_ms']:.2f} ms"
+        )
+    return out
+
+
+def _start(
+    stack: contextlib.ExitStack, opts: Options, progress: Progress, scenarios: list[Scenario]
+) -> dict[str, int]:
+    """Redis, then the uvicorn baseline and the Ray cluster starting side by side; returns
+    each system's port once all answer."""
+    from serving.settings import Settings
+
+    systems = [x for x in opts.systems if x in SERVED]
+    ports: dict[str, int] = {}
+    if not systems or not scenarios:
+        return ports
+    redis_url = stack.enter_context(redis_server())
+    namespace = Settings(redis_url=redis_url).feature_namespace
+    rows = sum(load_features(redis_url, namespace, s) for s in scenarios)
+    progress(f"redis on {redis_url}: loaded {rows} feature rows")
+    versions = {s.model: s.version for s in scenarios}
+    fraud_v, digits_v = versions.get("fraud", "v2"), versions.get("digits", "v1")
+    uvicorn: Child | None = None
+    if "uvicorn" in systems:
+        ports["uvicorn"] = free_port()
+        args = [
+            sys.executable, "-m", "loadtests.uvicorn_app", "--port", str(ports["uvicorn"]),
+            "--redis-url", redis_url, "--namespace", namespace,
+            "--fraud-version", fraud_v, "--digits-version", digits_v,
+        ]  # fmt: skip
+        uvicorn = stack.enter_context(child(args, "uvicorn baseline"))
+    if any(x in systems for x in ("naive", *GATEWAYS)):
+        port = stack.enter_context(ray_cluster(opts.ray_env))
+        ports["gateway"] = ports["naive"] = port
+        ports["gateway-grpc"] = free_port()
+        progress(f"ray started ({RAY_NUM_CPUS} logical CPUs), serve proxy on port {port}")
+        _deploy(ports, systems, scenarios, redis_url, namespace, fraud_v, digits_v, progress)
+    if uvicorn is not None:
+        uvicorn.wait_ready(f"http://127.0.0.1:{ports['uvicorn']}/healthz")
+        progress(f"uvicorn baseline on port {ports['uvicorn']}")
+    return ports
+
+
+def _deploy(
+    ports: dict[str, int],
+    systems: list[str],
+    scenarios: list[Scenario],
+    redis_url: str,
+    namespace: str,
+    fraud_v: str,
+    digits_v: str,
+    progress: Progress,
+) -> None:
+    """The gateway's applications and the naive one from one declarative Serve config,
+    deployed together."""
+    from loadtests import naive
+    from serving import app as serving_app
+    from serving.settings import Settings
+
+    port = ports["gateway"]
+    config: dict[str, Any] = {"applications": []}
+    names: list[str] = []
+    ready: list[str] = []
+    if any(x in systems for x in GATEWAYS):
+        settings = Settings(
+            http_port=port,
+            # Never the default 9000: another gateway on this machine may hold it.
+            grpc_port=ports["gateway-grpc"],
+            redis_url=redis_url,
+            feature_namespace=namespace,
+            registry_dir=REGISTRY,
+        )
+        dep = gateway_deployment(scenarios)
+        config = serving_app.serve_config(settings, dep, secrets.token_hex(16))
+        names += serving_app.app_names(dep)
+        ready.append(f"http://127.0.0.1:{port}/readyz")
+    if "naive" in systems:
+        config["applications"].append(
+            naive.app_config(REGISTRY, fraud_v, digits_v, redis_url, namespace)
+        )
+        names.append(naive.APP_NAME)
+        ready.append(f"http://127.0.0.1:{port}{naive.ROUTE_PREFIX}/healthz")
+    serving_app.apply_config(config)
+    seen: dict[str, str] = {}
+
+    def show(states: dict[str, str]) -> None:
+        if states != seen:
+            seen.clear()
+            seen.update(states)
+            progress("serve: " + ", ".join(f"{k} {v}" for k, v in states.items()))
+
+    serving_app.wait_until_running(names, timeout_s=300, progress=show)
+    for url in ready:
+        _wait_http(url, 120, None, url)
+    progress("all Serve applications running and ready")

@@ -1,0 +1,102 @@
+"""Scenarios: what one request carries, and where each system takes it.
+
+Every system gets byte-identical bodies (`{"instances": [one instance]}`, the gateway's
+TF-Serving format) built from the held-out sets of the demo registry, so the systems
+differ only in how they serve the same artifacts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+REGISTRY = ROOT / "models"
+# Distinct bodies per scenario, cycled by the generator (entity keys vary across them).
+N_BODIES = 512
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    model: str
+    version: str
+    description: str
+    # Path per system (gRPC: the model name); a system missing here skips the scenario.
+    paths: dict[str, str]
+    # Byte string whose presence in an answer is counted (e.g. degraded features).
+    flag: bytes | None = None
+    # Why the scenario cannot run yet; None when it can.
+    skip: str | None = None
+
+    def bodies(self, registry: Path = REGISTRY) -> list[bytes]:
+        return BODIES[self.name](registry)
+
+
+def _fraud_bodies(registry: Path) -> list[bytes]:
+    d = np.load(registry / "fraud" / "heldout.npz", allow_pickle=False)
+    out = []
+    for i in range(min(N_BODIES, len(d["y"]))):
+        inst = {
+            "user_id": str(d["user_id"][i]),
+            "merchant_id": str(d["merchant_id"][i]),
+            "amount": float(d["amount"][i]),
+            "hour": int(d["hour"][i]),
+            "is_foreign": int(d["is_foreign"][i]),
+            "card_present": int(d["card_present"][i]),
+        }
+        out.append(orjson.dumps({"instances": [inst]}))
+    return out
+
+
+def _digits_bodies(registry: Path) -> list[bytes]:
+    x = np.load(registry / "digits" / "heldout.npz", allow_pickle=False)["X"]
+    # Pixel values are integral (0..16): send them as the integers they are.
+    return [
+        orjson.dumps({"instances": [x[i].astype(np.int64).tolist()]})
+        for i in range(min(N_BODIES, len(x)))
+    ]
+
+
+BODIES = {"fraud": _fraud_bodies, "digits": _digits_bodies}
+
+SCENARIOS: dict[str, Scenario] = {
+    "fraud": Scenario(
+        name="fraud",
+        model="fraud",
+        version="v2",
+        description="fraud v2 (ONNX trees), entity keys + request fields, 2 Redis views",
+        paths={
+            "gateway": "/v1/models/fraud:predict",
+            "gateway-grpc": "fraud",
+            "naive": "/naive/fraud",
+            "uvicorn": "/fraud",
+        },
+        flag=b'"degraded":true',
+    ),
+    "digits": Scenario(
+        name="digits",
+        model="digits",
+        version="v1",
+        description="digits v1 (TorchScript CNN), one 8x8 image per request",
+        paths={
+            "gateway": "/v1/models/digits:predict",
+            "gateway-grpc": "digits",
+            "naive": "/naive/digits",
+            "uvicorn": "/digits",
+        },
+    ),
+    # Placeholder: lands with rollouts. It will deploy fraud with v2 stable, a 10% canary
+    # and a 10% shadow, and send the fraud bodies to /v1/models/fraud:predict.
+    "fraud-canary-shadow": Scenario(
+        name="fraud-canary-shadow",
+        model="fraud",
+        version="v2",
+        description="fraud v2 with a 10% canary (v1) and a 10% shadow",
+        paths={},
+        skip="canary/shadow routing is not implemented yet (rollouts issue); skipped",
+    ),
+}

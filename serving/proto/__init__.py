@@ -1,0 +1,1 @@
+"""Generated Open Inference Protocol gRPC modules (see generate.py)."""
