@@ -69,6 +69,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             lines += [f"Skipped: {sc['skip']}", ""]
             continue
         lines += _scenario_tables(sc, results.get("ceiling", {}).get(name), slo)
+        lines += _versus_section(sc)
     lines += _timing_section(results)
     lines += _generator_section(results)
     lines += _ceiling_section(results)
@@ -92,7 +93,7 @@ def _ratios_section(results: dict[str, Any]) -> list[str]:
     ]
     for name, sc in results["scenarios"].items():
         r = sc.get("ratios") or {}
-        if sc["skip"]:
+        if sc["skip"] or not r:
             continue
         for prefix, label in (("", name), ("grpc_", f"{name} (gRPC)")):
             if prefix and not any(k.startswith(prefix) for k in r):
@@ -162,6 +163,40 @@ def _scenario_tables(sc: dict[str, Any], ceiling: dict[str, Any] | None, slo: fl
         flagged = sum(r.get("flagged", 0) for r in [m["serial"], *m["closed"], *m["open"]])
         if flagged:
             lines += ["", f"{name}: {flagged} answers were marked degraded (default features)."]
+    return [*lines, ""]
+
+
+def _versus_section(sc: dict[str, Any]) -> list[str]:
+    vs = sc.get("vs_plain")
+    if not vs:
+        return []
+    status = sc.get("rollout_status") or {}
+    figures = (sc.get("rollout_status_after") or {}).get("window", {}).get("figures", {})
+    lines = [
+        f"Routing during the run: `{json.dumps(status.get('routing', status))[:300]}`",
+        "",
+    ]
+    if figures:
+        lines += [
+            "Requests per version seen by the gateway's rollout statistics: "
+            + ", ".join(
+                f"{v} {f.get('requests', '?')}"
+                + (f" (shadow copies {f['shadow']['requests']})" if "shadow" in f else "")
+                for v, f in figures.items()
+            ),
+            "",
+        ]
+    lines += [
+        "Against the plain scenario, same system (this / plain):",
+        "",
+        "| system | serial p50 | peak throughput | throughput at SLO |",
+        "|---|---|---|---|",
+    ]
+    for system, r in vs.items():
+        lines.append(
+            f"| {system} | {_ratio(r['serial_p50'])} | {_ratio(r['peak_throughput'])} "
+            f"| {_ratio(r['throughput_at_slo'])} |"
+        )
     return [*lines, ""]
 
 

@@ -286,12 +286,12 @@ def ray_cluster(env: dict[str, str]) -> Iterator[int]:
         ray.shutdown()
 
 
-def gateway_deployment(scenarios: list[Scenario]) -> Any:
+def gateway_deployment(scenarios: list[Scenario], registry: Path) -> Any:
     """deployments/local.yaml (what `make up` serves), restricted to the versions the
-    scenarios use so no idle replica shares the machine."""
+    scenarios use so no idle replica shares the machine (a rollout deploys its own)."""
     from serving.settings import load_deployment
 
-    dep = load_deployment(ROOT / "deployments" / "local.yaml", REGISTRY)
+    dep = load_deployment(ROOT / "deployments" / "local.yaml", registry)
     wanted = {(s.model, s.version) for s in scenarios}
     models = {}
     for name, cfg in dep.models.items():
@@ -300,6 +300,52 @@ def gateway_deployment(scenarios: list[Scenario]) -> Any:
             default = cfg.default if cfg.default in versions else next(iter(versions))
             models[name] = cfg.model_copy(update={"versions": versions, "default": default})
     return dep.model_copy(update={"models": models, "feature_tables": []})
+
+
+@contextlib.contextmanager
+def gateway_registry(scenarios: list[Scenario]) -> Iterator[Path]:
+    """The demo registry itself, or, when a scenario needs versions it lacks, a temporary
+    copy holding them too (byte-identical copies of existing versions, renamed)."""
+    extra = {(s.model, new, old) for s in scenarios for new, old in s.extra_versions.items()}
+    if not extra:
+        yield REGISTRY
+        return
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="loadtests-registry-") as tmp:
+        root = Path(tmp)
+        for model in {s.model for s in scenarios} | {m for m, _, _ in extra}:
+            shutil.copytree(REGISTRY / model, root / model)
+        for model, new, old in extra:
+            shutil.copytree(root / model / old, root / model / new)
+            manifest = root / model / new / "model.yaml"
+            data = yaml.safe_load(manifest.read_text())
+            data["version"] = new
+            manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+        yield root
+
+
+@dataclass
+class Env:
+    """Where the systems answer once started."""
+
+    ports: dict[str, int] = field(default_factory=dict)
+    admin_token: str = ""
+
+
+def rollout(env: Env, s: Scenario, commands: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """Post rollout commands to the gateway, in order; returns the rollout status (routing
+    table, and requests per version in the current window)."""
+    url = f"http://127.0.0.1:{env.ports['gateway']}/admin/v1/models/{s.model}/rollout"
+    headers = {"authorization": f"Bearer {env.admin_token}"}
+    # A command may deploy a version first (minutes on a loaded 2-core machine).
+    with httpx.Client(timeout=360.0, headers=headers) as client:
+        for cmd in commands:
+            r = client.post(url, json=cmd)
+            if r.status_code >= 300:
+                raise RuntimeError(f"rollout {cmd['action']}: {r.status_code} {r.text[:300]}")
+        status: dict[str, Any] = client.get(url).json()
+    return status
 
 
 # ---- measuring -----------------------------------------------------------------------------
@@ -316,8 +362,7 @@ def measure(
     s = w.call({**target, "mode": "serial", "n": plan.serial_n, "warmup": plan.serial_warmup})
     lat = s["latency_ms"]
     progress(
-        f"{label} serial: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms"
-        f" ({s['errors']} errors)"
+        f"{label} serial: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms ({s['errors']} errors)"
     )
     closed: list[dict[str, Any]] = []
     best = 0.0
@@ -394,8 +439,9 @@ def measure_generator(plan: Plan, progress: Progress, w: Worker) -> dict[str, An
     with child(args, "floor server") as floor:
         floor.wait_ready(f"http://127.0.0.1:{port}/")
         s = w.call({**target, "mode": "serial", "n": plan.floor_serial_n, "warmup": 50})
-        c = w.call({**target, "mode": "closed", "concurrency": 8, "duration_s": 1.5,
-                    "warmup_s": 0.2})
+        c = w.call(
+            {**target, "mode": "closed", "concurrency": 8, "duration_s": 1.5, "warmup_s": 0.2}
+        )
         o = w.call({**target, "mode": "open", "rate": 1000, "duration_s": 1.5, "warmup_s": 0.2})
     progress(
         f"generator floor: serial p50 {s['latency_ms']['p50']:.3f} ms, "
@@ -471,6 +517,23 @@ def ratios(scenario: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def versus(sc: dict[str, Any], plain: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per system, this scenario's figures over the plain scenario's (e.g. what a canary
+    and a shadow cost)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for system, m in sc["systems"].items():
+        p = plain["systems"].get(system)
+        if p is None:
+            continue
+        a, b = m["serial"]["latency_ms"]["p50"], p["serial"]["latency_ms"]["p50"]
+        out[system] = {
+            "serial_p50": a / b if a is not None and b else None,
+            "peak_throughput": m["peak_rps"] / p["peak_rps"] if p["peak_rps"] else None,
+            "throughput_at_slo": m["rps_at_slo"] / p["rps_at_slo"] if p["rps_at_slo"] else None,
+        }
+    return out
+
+
 # ---- the run -------------------------------------------------------------------------------
 def run(opts: Options) -> dict[str, Any]:
     """Start everything, measure, write the report; whatever was started is stopped on the
@@ -493,8 +556,7 @@ def run(opts: Options) -> dict[str, Any]:
         "generator": None,
         "ceiling": {},
         "scenarios": {
-            s.name: {"description": s.description, "skip": s.skip, "systems": {}}
-            for s in scenarios
+            s.name: {"description": s.description, "skip": s.skip, "systems": {}} for s in scenarios
         },
     }
     for s in scenarios:
@@ -504,11 +566,13 @@ def run(opts: Options) -> dict[str, Any]:
         f"{'quick' if opts.quick else 'full'} run: scenarios {[s.name for s in runnable]}, "
         f"systems {opts.systems}"
     )
-    # SIGTERM unwinds like Ctrl-C, so every `finally` below runs.
+    # SIGTERM unwinds like Ctrl-C, so every `finally` below runs; SIGINT is reinstated in
+    # case a parent shell started us with it ignored.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with contextlib.ExitStack() as stack:
-            ports = _start(stack, opts, progress, runnable)
+            env = _start(stack, opts, progress, runnable, results["meta"])
             w = stack.enter_context(worker())
             # Measured once everything is up and idle: the conditions of the runs below.
             results["generator"] = measure_generator(plan, progress, w)
@@ -522,11 +586,29 @@ def run(opts: Options) -> dict[str, Any]:
                         f"ceiling {s.name}: best batch {b['batch_size']}, "
                         f"{b['rows_per_s']:,.0f} rows/s, {b['batch_p50_ms']:.3f} ms/batch"
                     )
-            for s in runnable:
-                for system in (x for x in opts.systems if x in SERVED):
-                    out = _measure_system(w, plan, progress, s, system, ports)
-                    if out is not None:
-                        results["scenarios"][s.name]["systems"][system] = out
+            # Rollout scenarios change the gateway's routing for good: they run last.
+            for s in sorted(runnable, key=lambda s: bool(s.rollout)):
+                systems = [x for x in opts.systems if x in SERVED and x in s.paths]
+                staged = bool(s.rollout) and any(x in GATEWAYS for x in systems)
+                if staged:
+                    progress(f"scenario {s.name}: setting up the rollout")
+                    try:
+                        status = rollout(env, s, s.rollout)
+                    except (RuntimeError, httpx.HTTPError, ValueError) as exc:
+                        results["scenarios"][s.name]["skip"] = f"rollout set-up failed: {exc}"
+                        progress(f"scenario {s.name}: rollout set-up failed, skipped: {exc}")
+                        continue
+                    results["scenarios"][s.name]["rollout_status"] = status
+                    progress(f"scenario {s.name}: routing {status.get('routing', status)}")
+                for system in systems:
+                    out = _measure_system(w, plan, progress, s, system, env.ports)
+                    results["scenarios"][s.name]["systems"][system] = out
+                if staged:
+                    with contextlib.suppress(RuntimeError, httpx.HTTPError, ValueError):
+                        after = rollout(env, s)
+                        results["scenarios"][s.name]["rollout_status_after"] = after
+                        figures = after.get("window", {}).get("figures", {})
+                        progress(f"scenario {s.name}: per version since the start {figures}")
     except BaseException as exc:
         results["aborted"] = f"{type(exc).__name__}: {exc}"
         progress(f"aborted: {results['aborted']}; everything started was stopped")
@@ -534,9 +616,12 @@ def run(opts: Options) -> dict[str, Any]:
     finally:
         results["meta"]["elapsed_s"] = round(progress.elapsed(), 1)
         results["meta"]["loadavg_end"] = os.getloadavg()
-        for sc in results["scenarios"].values():
+        for name, sc in results["scenarios"].items():
             if not sc["skip"]:
                 sc["ratios"] = ratios(sc)
+                plain = results["scenarios"].get(SCENARIOS[name].compare_with or "")
+                if plain is not None:
+                    sc["vs_plain"] = versus(sc, plain)
         report.write(results, opts.out)
         progress(f"wrote {opts.out}/results.json, results.md and plots")
     return results
@@ -544,11 +629,8 @@ def run(opts: Options) -> dict[str, Any]:
 
 def _measure_system(
     w: Worker, plan: Plan, progress: Progress, s: Scenario, system: str, ports: dict[str, int]
-) -> dict[str, Any] | None:
-    path = s.paths.get(system)
-    if path is None:
-        progress(f"{system}/{s.name}: this system has no route for the scenario; skipped")
-        return None
+) -> dict[str, Any]:
+    path = s.paths[system]
     target = {
         "op": "load",
         "kind": "grpc" if system == "gateway-grpc" else "http",
@@ -569,45 +651,54 @@ def _measure_system(
 
 
 def _start(
-    stack: contextlib.ExitStack, opts: Options, progress: Progress, scenarios: list[Scenario]
-) -> dict[str, int]:
+    stack: contextlib.ExitStack,
+    opts: Options,
+    progress: Progress,
+    scenarios: list[Scenario],
+    meta: dict[str, Any],
+) -> Env:
     """Redis, then the uvicorn baseline and the Ray cluster starting side by side; returns
-    each system's port once all answer."""
+    once all answer. What was deployed goes into `meta`."""
     from serving.settings import Settings
 
     systems = [x for x in opts.systems if x in SERVED]
-    ports: dict[str, int] = {}
+    env = Env()
     if not systems or not scenarios:
-        return ports
+        return env
     redis_url = stack.enter_context(redis_server())
     namespace = Settings(redis_url=redis_url).feature_namespace
-    rows = sum(load_features(redis_url, namespace, s) for s in scenarios)
+    unique = {(s.model, s.version): s for s in scenarios}.values()
+    rows = sum(load_features(redis_url, namespace, s) for s in unique)
     progress(f"redis on {redis_url}: loaded {rows} feature rows")
     versions = {s.model: s.version for s in scenarios}
     fraud_v, digits_v = versions.get("fraud", "v2"), versions.get("digits", "v1")
     uvicorn: Child | None = None
     if "uvicorn" in systems:
-        ports["uvicorn"] = free_port()
+        env.ports["uvicorn"] = free_port()
         args = [
-            sys.executable, "-m", "loadtests.uvicorn_app", "--port", str(ports["uvicorn"]),
+            sys.executable, "-m", "loadtests.uvicorn_app", "--port", str(env.ports["uvicorn"]),
             "--redis-url", redis_url, "--namespace", namespace,
             "--fraud-version", fraud_v, "--digits-version", digits_v,
         ]  # fmt: skip
         uvicorn = stack.enter_context(child(args, "uvicorn baseline"))
     if any(x in systems for x in ("naive", *GATEWAYS)):
+        registry = stack.enter_context(gateway_registry(scenarios))
         port = stack.enter_context(ray_cluster(opts.ray_env))
-        ports["gateway"] = ports["naive"] = port
-        ports["gateway-grpc"] = free_port()
+        env.ports.update({"gateway": port, "naive": port, "gateway-grpc": free_port()})
+        env.admin_token = secrets.token_hex(16)
         progress(f"ray started ({RAY_NUM_CPUS} logical CPUs), serve proxy on port {port}")
-        _deploy(ports, systems, scenarios, redis_url, namespace, fraud_v, digits_v, progress)
+        meta["serve_config"] = _deploy(
+            env, registry, systems, scenarios, redis_url, namespace, fraud_v, digits_v, progress
+        )
     if uvicorn is not None:
-        uvicorn.wait_ready(f"http://127.0.0.1:{ports['uvicorn']}/healthz")
-        progress(f"uvicorn baseline on port {ports['uvicorn']}")
-    return ports
+        uvicorn.wait_ready(f"http://127.0.0.1:{env.ports['uvicorn']}/healthz")
+        progress(f"uvicorn baseline on port {env.ports['uvicorn']}")
+    return env
 
 
 def _deploy(
-    ports: dict[str, int],
+    env: Env,
+    registry: Path,
     systems: list[str],
     scenarios: list[Scenario],
     redis_url: str,
@@ -615,14 +706,14 @@ def _deploy(
     fraud_v: str,
     digits_v: str,
     progress: Progress,
-) -> None:
+) -> dict[str, Any]:
     """The gateway's applications and the naive one from one declarative Serve config,
-    deployed together."""
+    deployed together; returns the config (less the admin token) for the report."""
     from loadtests import naive
     from serving import app as serving_app
     from serving.settings import Settings
 
-    port = ports["gateway"]
+    port = env.ports["gateway"]
     config: dict[str, Any] = {"applications": []}
     names: list[str] = []
     ready: list[str] = []
@@ -630,13 +721,13 @@ def _deploy(
         settings = Settings(
             http_port=port,
             # Never the default 9000: another gateway on this machine may hold it.
-            grpc_port=ports["gateway-grpc"],
+            grpc_port=env.ports["gateway-grpc"],
             redis_url=redis_url,
             feature_namespace=namespace,
-            registry_dir=REGISTRY,
+            registry_dir=registry,
         )
-        dep = gateway_deployment(scenarios)
-        config = serving_app.serve_config(settings, dep, secrets.token_hex(16))
+        dep = gateway_deployment(scenarios, registry)
+        config = serving_app.serve_config(settings, dep, env.admin_token)
         names += serving_app.app_names(dep)
         ready.append(f"http://127.0.0.1:{port}/readyz")
     if "naive" in systems:
@@ -658,3 +749,8 @@ def _deploy(
     for url in ready:
         _wait_http(url, 120, None, url)
     progress("all Serve applications running and ready")
+    apps = [
+        {**app, "args": {k: v for k, v in app["args"].items() if k != "admin_token"}}
+        for app in config["applications"]
+    ]
+    return {"applications": apps}

@@ -7,8 +7,9 @@ differ only in how they serve the same artifacts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -31,9 +32,18 @@ class Scenario:
     flag: bytes | None = None
     # Why the scenario cannot run yet; None when it can.
     skip: str | None = None
+    # Whose request bodies to send (default: this scenario's own).
+    bodies_from: str | None = None
+    # Gateway set-up before the scenario runs: versions its registry must also hold
+    # (name → the version copied), and rollout commands posted, in order, to
+    # /admin/v1/models/<model>/rollout. Such scenarios run after the plain ones.
+    extra_versions: dict[str, str] = field(default_factory=dict)
+    rollout: tuple[dict[str, Any], ...] = ()
+    # The plain scenario whose figures this one's are compared with in the report.
+    compare_with: str | None = None
 
     def bodies(self, registry: Path = REGISTRY) -> list[bytes]:
-        return BODIES[self.name](registry)
+        return BODIES[self.bodies_from or self.name](registry)
 
 
 def _fraud_bodies(registry: Path) -> list[bytes]:
@@ -89,14 +99,29 @@ SCENARIOS: dict[str, Scenario] = {
             "uvicorn": "/digits",
         },
     ),
-    # Placeholder: lands with rollouts. It will deploy fraud with v2 stable, a 10% canary
-    # and a 10% shadow, and send the fraud bodies to /v1/models/fraud:predict.
+    # Stable v2 with a 10% canary and a 10% shadow, held there for the whole run: the
+    # analysis never decides (a window needs 10^9 requests), so the weights stay put.
     "fraud-canary-shadow": Scenario(
         name="fraud-canary-shadow",
         model="fraud",
         version="v2",
-        description="fraud v2 with a 10% canary (v1) and a 10% shadow",
-        paths={},
-        skip="canary/shadow routing is not implemented yet (rollouts issue); skipped",
+        description="fraud: stable v2, 10% canary v1 (random split), 10% shadow v1shadow "
+        "(a copy of v1), same bodies as `fraud`",
+        paths={"gateway": "/v1/models/fraud:predict", "gateway-grpc": "fraud"},
+        flag=b'"degraded":true',
+        bodies_from="fraud",
+        extra_versions={"v1shadow": "v1"},
+        rollout=(
+            {
+                "action": "start",
+                "to": "v1",
+                "steps": [10],
+                "interval_s": 3600,
+                "max_error_rate": 1.0,
+                "min_requests": 10**9,
+            },
+            {"action": "shadow", "version": "v1shadow", "sample": 0.1},
+        ),
+        compare_with="fraud",
     ),
 }

@@ -118,14 +118,20 @@ class RolloutController:
             await self._client.aclose()
 
     async def reload(self, models: list[str] | None = None) -> None:
+        """Tables (and, for the gauges, rollout states) from Redis: one MGET."""
         names = models or list(self.tables)
-        raw = await self._redis().mget([self._k_table(m) for m in names])
-        for m, doc in zip(names, raw):
+        raw = await self._redis().mget(
+            [self._k_table(m) for m in names] + [self._k_state(m) for m in names]
+        )
+        for m, doc, state in zip(names, raw[: len(names)], raw[len(names) :]):
             if doc:
                 table = RoutingTable.model_validate_json(doc)
                 if table.revision >= self.tables[m].revision:
                     self.tables[m] = table
-                    metrics().canary_weight.set(table.canary_weight, tags={"model": m})
+            # Gauges are re-set on every reload: Ray exports a gauge only while set.
+            metrics().canary_weight.set(self.tables[m].canary_weight, tags={"model": m})
+            status = RolloutState.model_validate_json(state).status if state else "idle"
+            _set_state_gauge(m, status)
 
     async def _subscribe(self) -> None:
         while True:
@@ -205,10 +211,7 @@ class RolloutController:
         await pipe.execute()
         self.tables[table.model] = table
         metrics().canary_weight.set(table.canary_weight, tags={"model": table.model})
-        for status in ("idle", "running", "paused", "completed", "rolled_back"):
-            metrics().rollout_state.set(
-                int(status == state.status), tags={"model": table.model, "status": status}
-            )
+        _set_state_gauge(table.model, state.status)
         if decision is not None:
             metrics().rollout_decisions.inc(
                 1, tags={"model": table.model, "action": decision.action}
@@ -507,3 +510,8 @@ class RolloutController:
                         state,
                         self._decision("hold", "auto", reason, table.canary_weight, figures),
                     )
+
+
+def _set_state_gauge(model: str, current: str) -> None:
+    for status in ("idle", "running", "paused", "completed", "rolled_back"):
+        metrics().rollout_state.set(int(status == current), tags={"model": model, "status": status})
