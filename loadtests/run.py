@@ -37,7 +37,8 @@ import httpx
 from loadtests.scenarios import REGISTRY, ROOT, SCENARIOS, Scenario
 
 SYSTEMS: dict[str, str] = {
-    "gateway": "our gateway over HTTP: Ray Serve FastAPI ingress + @serve.batch replicas",
+    "gateway": "our gateway over HTTP: served by the ingress replica itself (direct), "
+    "default versions fused into it, @serve.batch",
     "gateway-grpc": "our gateway over gRPC (OIP ModelInfer, served in the ingress replica)",
     "naive": "naive Ray Serve: FastAPI ingress → unbatched model deployment, defaults",
     "uvicorn": "one uvicorn process, FastAPI, runtime in-process",
@@ -577,7 +578,8 @@ def run(opts: Options) -> dict[str, Any]:
             # Measured once everything is up and idle: the conditions of the runs below.
             results["generator"] = measure_generator(plan, progress, w)
             if "ceiling" in opts.systems:
-                for s in runnable:
+                # One per model version (scenarios may share one).
+                for s in {(s.model, s.version): s for s in runnable}.values():
                     results["ceiling"][s.name] = c = w.call(
                         {"op": "ceiling", "scenario": s.name, "seconds_per_size": plan.ceiling_s}
                     )
@@ -684,7 +686,10 @@ def _start(
     if any(x in systems for x in ("naive", *GATEWAYS)):
         registry = stack.enter_context(gateway_registry(scenarios))
         port = stack.enter_context(ray_cluster(opts.ray_env))
-        env.ports.update({"gateway": port, "naive": port, "gateway-grpc": free_port()})
+        # Ray Serve's proxy (naive) on `port`; our gateway serves HTTP itself (direct).
+        env.ports.update(
+            {"proxy": port, "gateway": free_port(), "naive": port, "gateway-grpc": free_port()}
+        )
         env.admin_token = secrets.token_hex(16)
         progress(f"ray started ({RAY_NUM_CPUS} logical CPUs), serve proxy on port {port}")
         meta["serve_config"] = _deploy(
@@ -720,6 +725,7 @@ def _deploy(
     if any(x in systems for x in GATEWAYS):
         settings = Settings(
             http_port=port,
+            ray_proxy_port=env.ports["proxy"],
             # Never the default 9000: another gateway on this machine may hold it.
             grpc_port=env.ports["gateway-grpc"],
             redis_url=redis_url,
@@ -735,7 +741,7 @@ def _deploy(
             naive.app_config(REGISTRY, fraud_v, digits_v, redis_url, namespace)
         )
         names.append(naive.APP_NAME)
-        ready.append(f"http://127.0.0.1:{port}{naive.ROUTE_PREFIX}/healthz")
+        ready.append(f"http://127.0.0.1:{env.ports['naive']}{naive.ROUTE_PREFIX}/healthz")
     serving_app.apply_config(config)
     seen: dict[str, str] = {}
 

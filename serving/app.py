@@ -20,13 +20,14 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from serving.direct_http import DirectHttpServer, with_server
 from serving.errors import ConfigError, InvalidInput, NotReady
 from serving.feedback import FeedbackStore
-from serving.grpc import GrpcServer, with_grpc
+from serving.grpc import GrpcServer
 from serving.http import build_http_app
 from serving.pipeline import Pipeline, ReplicaHandle, model_app_name
 from serving.registry import Registry
-from serving.replica import ModelReplica
+from serving.replica import ModelReplica, ModelWorker
 from serving.rollout_controller import RolloutController
 from serving.settings import BatchingOverride, DeploymentFile, Settings, VersionConfig
 
@@ -60,15 +61,32 @@ class Gateway:
             self._deploy_versions,
             self._retire_versions,
         )
+        # Fused versions run here, warmed before this replica reports healthy.
+        self._local = {
+            (m, v): _fused_worker(s, self._dep, m, v)
+            for m, cfg in self._dep.models.items()
+            for v, vcfg in cfg.versions.items()
+            if vcfg.placement == "fused"
+        }
         self._pipeline = Pipeline(
             self._dep,
             s,
             _replica_handle,
             rollouts=self._rollouts,
             feedback=FeedbackStore(s.redis_url, s.feature_namespace, s.prediction_ttl_s),
+            local=self._local,
         )
         self._admin_token = admin_token
         self._lock: asyncio.Lock | None = None  # made lazily inside the running loop
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Batching of fused versions, from the gateway deployment's `user_config`
+        (`{"batching": {"<model>/<version>": {...}}}`): a lightweight update."""
+        for key, batching in ((user_config or {}).get("batching") or {}).items():
+            model, _, version = key.partition("/")
+            worker = self._local.get((model, version))
+            if worker is not None:
+                worker.reconfigure(batching)
 
     async def _reconfigure(self, model: str, version: str, override: BatchingOverride) -> None:
         if self._lock is None:
@@ -120,11 +138,35 @@ class Gateway:
         )
         # The gRPC server lives as long as the app: Ray Serve runs the app's lifespan
         # on the replica's event loop at start-up and again at graceful shutdown.
-        grpc_server = GrpcServer(
-            self._pipeline, self._settings, self._dep.ingress.max_ongoing_requests
-        )
-        app.router.lifespan_context = with_grpc(app.router.lifespan_context, grpc_server)
+        # So does the direct HTTP server (see serving.direct_http).
+        s = self._settings
+        grpc_server = GrpcServer(self._pipeline, s, self._dep.ingress.max_ongoing_requests)
+        lifespan = with_server(app.router.lifespan_context, grpc_server)
+        if s.http_mode == "direct":
+            lifespan = with_server(lifespan, DirectHttpServer(app, s.http_host, s.http_port))
+        app.router.lifespan_context = lifespan
         return app
+
+
+def _fused_worker(s: Settings, dep: DeploymentFile, model: str, version: str) -> ModelWorker:
+    vcfg = dep.models[model].versions[version]
+    worker = ModelWorker(
+        model,
+        version,
+        str(dep.registry),
+        _runtime_options(s),
+        vcfg.warmup.model_dump() if vcfg.warmup else None,
+    )
+    worker.reconfigure(vcfg.batching.model_dump(exclude_none=True))
+    return worker
+
+
+def _runtime_options(s: Settings) -> dict[str, Any]:
+    return {
+        "device": s.device,
+        "onnx_intra_op_threads": s.onnx_intra_op_threads,
+        "torch_threads": s.torch_threads,
+    }
 
 
 # ---- application builders (import paths named in the Serve config) -------------------
@@ -196,11 +238,7 @@ def model_app_config(
             "model": model,
             "version": version,
             "registry": str(registry_root),
-            "runtime": {
-                "device": settings.device,
-                "onnx_intra_op_threads": settings.onnx_intra_op_threads,
-                "torch_threads": settings.torch_threads,
-            },
+            "runtime": _runtime_options(settings),
             "warmup": vcfg.warmup.model_dump() if vcfg.warmup else None,
         },
         "deployments": [d],
@@ -244,8 +282,9 @@ def serve_config(
         }
     ]
     for model, mcfg in dep.models.items():
+        fused = {v for v, c in mcfg.versions.items() if c.placement == "fused"}
         versions = set(mcfg.versions) | (extra_versions or {}).get(model, set())
-        for version in sorted(versions):
+        for version in sorted(versions - fused):
             apps.append(
                 model_app_config(
                     settings, registry_root, model, version, version_config(dep, model, version)
@@ -311,16 +350,24 @@ def update_batching(model: str, version: str, override: BatchingOverride) -> Non
     a lightweight update that reaches every replica through `reconfigure`."""
     config = deployed_config()
     name = model_app_name(model, version)
+    change = override.model_dump(exclude_none=True)
     for app in config["applications"]:
         if app["name"] == name:
             dep = app["deployments"][0]
-            dep["user_config"] = {
-                **(dep.get("user_config") or {}),
-                **override.model_dump(exclude_none=True),
-            }
+            dep["user_config"] = {**(dep.get("user_config") or {}), **change}
             break
     else:
-        raise ConfigError(f"application {name} is not deployed")
+        # A fused version: its batching lives in the gateway deployment's user_config.
+        gateway = next(a for a in config["applications"] if a["name"] == GATEWAY_APP)
+        models = DeploymentFile.model_validate(gateway["args"]["deployment"]).models
+        vcfg = models[model].versions.get(version) if model in models else None
+        if vcfg is None or vcfg.placement != "fused":
+            raise ConfigError(f"application {name} is not deployed")
+        deployments = gateway.setdefault("deployments", [{"name": "Gateway"}])
+        user = deployments[0].setdefault("user_config", {}) or {}
+        key = f"{model}/{version}"
+        user.setdefault("batching", {})[key] = {**user.get("batching", {}).get(key, {}), **change}
+        deployments[0]["user_config"] = user
     apply_config(config)
 
 
@@ -357,6 +404,10 @@ def wait_until_running(
 
 
 def app_names(dep: DeploymentFile) -> list[str]:
+    """The Serve applications a deployment file makes (fused versions have none)."""
     return [GATEWAY_APP] + [
-        model_app_name(m, v) for m, cfg in dep.models.items() for v in cfg.versions
+        model_app_name(m, v)
+        for m, cfg in dep.models.items()
+        for v, vcfg in cfg.versions.items()
+        if vcfg.placement != "fused"
     ]

@@ -123,7 +123,7 @@ def up(
         log_to_driver=True,
     )
     try:
-        serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+        serve.start(http_options={"host": settings.http_host, "port": settings.proxy_port()})
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
         serving_app.apply_config(cfg)

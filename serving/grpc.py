@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -244,22 +244,3 @@ class GrpcServer:
             server, self._server = self._server, None
             await server.stop(grace_s)
             log.info("gRPC server on %s stopped", self.target)
-
-
-def with_grpc(
-    lifespan: Callable[[Any], contextlib.AbstractAsyncContextManager[Any]], server: GrpcServer
-) -> Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]:
-    """Wrap an ASGI app's lifespan so the gRPC server lives exactly as long as the app.
-    Ray Serve runs the lifespan on the replica's user event loop: startup while the
-    replica initializes, shutdown when it is torn down (graceful shutdown)."""
-
-    @contextlib.asynccontextmanager
-    async def both(app: Any) -> AsyncIterator[Any]:
-        await server.start()
-        try:
-            async with lifespan(app) as state:
-                yield state
-        finally:
-            await server.stop()
-
-    return both

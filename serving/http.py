@@ -54,15 +54,11 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def request_id(request: Request) -> str:
-    """The request's id. Behind Ray Serve's proxy the header is always present (the
-    proxy adds one when the client did not, and echoes it in the response)."""
+    """The request's id. The header is always present: Ray Serve's proxy, or in direct
+    mode serving.direct_http.RequestIdMiddleware, adds one when the client did not and
+    echoes it in the response, so handlers never set it themselves."""
     rid = request.headers.get("x-request-id")
     return rid[:128] if rid else uuid.uuid4().hex
-
-
-def _id_header(request: Request, rid: str) -> dict[str, str]:
-    # Set it ourselves only when no proxy did: a second copy would make a list.
-    return {} if "x-request-id" in request.headers else {"x-request-id": rid}
 
 
 def server_timing(timings: dict[str, float]) -> str:
@@ -129,7 +125,7 @@ def build_http_app(
 
     @app.exception_handler(ServingError)
     async def _serving_error(request: Request, exc: ServingError) -> Response:
-        return _json(exc.to_dict(), exc.http_status, _id_header(request, request_id(request)))
+        return _json(exc.to_dict(), exc.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -155,7 +151,6 @@ def build_http_app(
         return _json(
             {"error": {"code": "internal", "message": f"internal error (request {rid})"}},
             500,
-            _id_header(request, rid),
         )
 
     def _answer(request: Request, pred: Prediction, rid: str) -> Response:
@@ -172,7 +167,6 @@ def build_http_app(
         return _json(
             body,
             headers={
-                **_id_header(request, rid),
                 "server-timing": server_timing(pred.timings),
                 "x-serving-batch-size": str(pred.batch_size),
             },

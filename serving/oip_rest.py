@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 
 from serving import oip
 from serving.errors import MalformedRequest, PayloadTooLarge, ServingError
-from serving.http import _id_header, _timeout_s, request_id, server_timing
+from serving.http import _timeout_s, request_id, server_timing
 from serving.pipeline import Pipeline
 from serving.schemas import Arrays
 from serving.settings import Settings
@@ -46,7 +46,7 @@ def _body(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def _error(request: Request, status: int, message: str, code: str) -> Response:
-    headers = {**_id_header(request, request_id(request)), ERROR_CODE_HEADER: code}
+    headers = {ERROR_CODE_HEADER: code}
     return _body({"error": message}, status, headers)
 
 
@@ -291,7 +291,6 @@ def build_v2_router(pipeline: Pipeline, settings: Settings) -> APIRouter:
         pred.timings["encode"] = done - t_enc
         pred.timings["total"] = done - t0
         headers = {
-            **_id_header(request, rid),
             "server-timing": server_timing(pred.timings),
             "x-serving-batch-size": str(pred.batch_size),
         }

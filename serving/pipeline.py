@@ -102,6 +102,7 @@ class Pipeline:
         features: RedisFeatureStore | None = None,
         rollouts: RolloutController | None = None,
         feedback: FeedbackStore | None = None,
+        local: Mapping[tuple[str, str], Any] | None = None,
     ) -> None:
         self._settings = settings
         self._dep = dep
@@ -119,6 +120,8 @@ class Pipeline:
         self._features = features
         self.rollouts = rollouts
         self.feedback = feedback
+        # Fused versions: ModelWorkers in this process, called without a Ray hop.
+        self._local = dict(local or {})
         self._drift: dict[tuple[str, str], DriftMonitor | None] = {}
         self._inflight: dict[str, int] = {}
         self._monitor: asyncio.Task[None] | None = None
@@ -483,6 +486,9 @@ class Pipeline:
 
         if timeout_s <= 0:
             raise DeadlineExceeded("deadline exceeded before the model was called")
+        local = self._local.get((model, version))
+        if local is not None:
+            return await self._call_local(local, model, version, method, timeout_s, *args)
         try:
             handle = self._handle(model, version)
             response = getattr(handle, method).remote(*args)
@@ -506,6 +512,20 @@ class Pipeline:
             raise ModelError(f"{model}/{version} failed: {exc.cause!r}") from None
         except RayActorError:
             raise NotReady(f"{model}/{version} replica died; retry") from None
+
+    async def _call_local(
+        self, worker: Any, model: str, version: str, method: str, timeout_s: float, *args: Any
+    ) -> Any:
+        try:
+            return await asyncio.wait_for(getattr(worker, method)(*args), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{model}/{version} did not answer within {timeout_s * 1000:.0f} ms"
+            ) from None
+        except ServingError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{model}/{version} failed: {exc!r}") from None
 
     # ---- readiness -----------------------------------------------------------------
     async def version_ready(self, model: str, version: str) -> bool:

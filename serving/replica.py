@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -65,8 +66,13 @@ def warmup_inputs(manifest: Manifest, n: int) -> Arrays:
     }
 
 
-@serve.deployment(name="ModelReplica")
-class ModelReplica:
+class ModelWorker:
+    """One model version: runtime, dynamic batching, warm-up, live reconfiguration.
+
+    Runs as a Ray Serve deployment (`ModelReplica`, below) or, for versions placed
+    `fused`, inside each ingress replica, which saves a Ray hop per request.
+    """
+
     def __init__(
         self,
         model: str,
@@ -84,6 +90,13 @@ class ModelReplica:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model}-{version}")
         # (monotonic time, queue wait + inference) per request: the autoscaling signal.
         self._recent: deque[tuple[float, float]] = deque(maxlen=8192)
+        # A batch queue per instance (a decorated method would share one queue among
+        # all instances in the process, and fused versions live in one process).
+        self._run_batch: Any = serve.batch(
+            max_batch_size=self._max_batch,
+            batch_wait_timeout_s=self._manifest.batching.batch_wait_timeout_s,
+            batch_size_fn=_instances,
+        )(self._batch)
         self._warm(WarmupConfig(**warmup) if warmup else self._manifest.warmup)
         self._apply_batching(BatchingOverride())
         log.info("%s/%s ready on %s", model, version, self._runtime.device)
@@ -122,12 +135,16 @@ class ModelReplica:
     async def ready(self) -> bool:
         return True  # reachable only after __init__, i.e. after warm-up
 
+    def identity(self) -> str:
+        """Which process serves this version (shows that a reconfigure restarted nothing)."""
+        return f"{self._tags['model']}/{self._tags['version']}@{os.getpid()}"
+
     async def batching(self) -> dict[str, Any]:
         """Current batching values and which replica answered (to show no restart)."""
         return {
             "max_batch_size": self._max_batch,
             "batch_wait_timeout_s": self._wait,
-            "replica": serve.get_replica_context().replica_id.unique_id,
+            "replica": self.identity(),
         }
 
     async def predict(self, inputs: Arrays) -> ReplicaResult:
@@ -145,8 +162,7 @@ class ModelReplica:
             replica_s=time.perf_counter() - t0,
         )
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=_instances)
-    async def _run_batch(self, items: list[_Item]) -> list[_Done]:
+    async def _batch(self, items: list[_Item]) -> list[_Done]:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         out: list[_Done | None] = [None] * len(items)
@@ -168,3 +184,11 @@ class ModelReplica:
         m = metrics()
         m.batch_size.observe(total, tags=self._tags)
         return [d for d in out if d is not None]
+
+
+@serve.deployment(name="ModelReplica")
+class ModelReplica(ModelWorker):
+    """A model version as its own Ray Serve deployment (one per version)."""
+
+    def identity(self) -> str:
+        return str(serve.get_replica_context().replica_id.unique_id)

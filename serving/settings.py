@@ -28,6 +28,10 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # `direct`: each ingress replica serves HTTP on http_port itself (no proxy hop) and
+    # Ray Serve's proxy listens on ray_proxy_port; `proxy`: Ray's proxy on http_port.
+    http_mode: Literal["direct", "proxy"] = "direct"
+    ray_proxy_port: int = 8001
     grpc_port: int = 9000  # gRPC (Open Inference Protocol), in every ingress replica
     redis_url: str = "redis://127.0.0.1:6379/0"
 
@@ -67,6 +71,10 @@ class Settings(BaseSettings):
 
     admin_token: str | None = None
     admin_token_file: Path = Path.home() / ".config" / "serving" / "admin-token"
+
+    def proxy_port(self) -> int:
+        """Where Ray Serve's own HTTP proxy listens."""
+        return self.ray_proxy_port if self.http_mode == "direct" else self.http_port
 
     def gateway_url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}"
@@ -123,6 +131,9 @@ class VersionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # `replica`: the version is its own Ray Serve deployment (scaled on its own);
+    # `fused`: it runs inside every ingress replica, one Ray hop less per request.
+    placement: Literal["replica", "fused"] = "replica"
     num_replicas: int = Field(default=1, ge=1)
     autoscaling: AutoscalingConfig | None = None
     batching: BatchingOverride = BatchingOverride()
@@ -130,6 +141,12 @@ class VersionConfig(BaseModel):
     warmup: WarmupConfig | None = None
     # Ray Serve queues without bound by default; a bound turns overload into a fast 503.
     max_queued_requests: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _fused_scales_with_ingress(self) -> VersionConfig:
+        if self.placement == "fused" and (self.autoscaling is not None or self.num_replicas != 1):
+            raise ValueError("a fused version scales with the ingress: no replicas/autoscaling")
+        return self
 
 
 class ModelConfig(BaseModel):

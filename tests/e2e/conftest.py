@@ -39,7 +39,7 @@ class GatewayUnderTest:
 
 @dataclass
 class RayServe:
-    http_port: int
+    proxy_port: int  # Ray Serve's own proxy; the gateway serves HTTP directly elsewhere
     metrics_port: int
 
 
@@ -58,7 +58,7 @@ def ray_serve() -> Iterator[RayServe]:
         _metrics_export_port=ports.metrics_port,
         _system_config={"metrics_report_interval_ms": 1000},
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": ports.http_port})
+    serve.start(http_options={"host": "127.0.0.1", "port": ports.proxy_port})
     yield ports
     serve.shutdown()
     ray.shutdown()
@@ -156,9 +156,11 @@ def gateway(
                         "versions": {
                             "v1": {},
                             "v1strict": {},
-                            # A wider wait makes batching under concurrency certain.
+                            # Fused into the ingress (the low-latency path); a wider
+                            # wait makes batching under concurrency certain.
                             "v2": {
-                                "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.01}
+                                "placement": "fused",
+                                "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.01},
                             },
                         },
                     },
@@ -189,7 +191,8 @@ def gateway(
     )
     settings = Settings(
         config=cfg_path,
-        http_port=ray_serve.http_port,
+        http_port=free_port(),
+        ray_proxy_port=ray_serve.proxy_port,
         admin_token=TOKEN,
         grpc_port=free_port(),
         redis_url=redis_server.url,

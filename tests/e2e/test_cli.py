@@ -113,6 +113,7 @@ def test_serving_up_serves_then_stops_on_sigterm(
             "SERVING_ADMIN_TOKEN_FILE": str(tmp_path / "token"),
             "SERVING_RAY_NUM_CPUS": "4",
             "SERVING_METRICS_PORT": str(free_port()),
+            "SERVING_RAY_PROXY_PORT": str(free_port()),
             "SERVING_REDIS_URL": redis_server.url,
             "SERVING_FEATURE_NAMESPACE": "up-test",  # empty: `serving up` loads the tables
             "PYTHONUNBUFFERED": "1",

@@ -1,0 +1,123 @@
+"""Direct HTTP: the ingress replica serves its FastAPI app on the gateway's port itself.
+
+Ray Serve's proxy adds a Ray hop (milliseconds on a small machine) before the ingress
+replica sees a request. In `direct` mode (the default) every ingress replica runs a
+uvicorn server on SERVING_HTTP_HOST:SERVING_HTTP_PORT with SO_REUSEPORT, so the kernel
+spreads connections over the replicas of a node and no proxy sits in between; Ray's
+proxy still runs, on SERVING_RAY_PROXY_PORT, for Ray-native clients and health checks.
+The server lives exactly as long as the app (started and stopped by its lifespan, on the
+replica's event loop), like the gRPC server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class RequestIdMiddleware:
+    """What Ray Serve's proxy does for requests it forwards: make sure the request has an
+    `x-request-id` (generated when the client sent none) and echo it in the response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = list(scope.get("headers", []))
+        rid = next((v for k, v in headers if k == b"x-request-id"), None)
+        if rid is None:
+            rid = uuid.uuid4().hex.encode()
+            scope = {**scope, "headers": [*headers, (b"x-request-id", rid)]}
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(b"x-request-id", rid)]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Signals belong to Ray's replica process, not to this embedded server.
+        yield
+
+
+class DirectHttpServer:
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        self._app = app
+        self.host, self.port = host, port
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"HTTP cannot listen on {self.host}:{self.port}: {exc}") from None
+        sock.listen(2048)
+        sock.setblocking(False)
+        config = uvicorn.Config(
+            RequestIdMiddleware(self._app),
+            lifespan="off",  # the app's lifespan is Ray's to run; it starts this server
+            access_log=False,
+            log_level="warning",
+            timeout_keep_alive=75,
+            http="httptools",
+        )
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        for _ in range(500):  # started within 5 s, or the task's error surfaces
+            if self._server.started or self._task.done():
+                break
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()
+        log.info("HTTP listening on %s:%d (direct)", self.host, self.port)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(self._task, grace_s)
+        except TimeoutError:
+            self._server.force_exit = True
+            self._task.cancel()
+        self._server = self._task = None
+
+
+Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def with_server(lifespan: Lifespan, server: Any) -> Lifespan:
+    """Wrap an ASGI app's lifespan so `server` (with async start/stop) lives as long."""
+
+    @contextlib.asynccontextmanager
+    async def both(app: Any) -> AsyncIterator[Any]:
+        await server.start()
+        try:
+            async with lifespan(app) as state:
+                yield state
+        finally:
+            await server.stop()
+
+    return both
