@@ -265,13 +265,11 @@ def predict(
     if raw:
         console.print_json(data=body)
         return
-    table = Table(title=f"{body['model']} {body['version']}  request {body['request_id']}")
-    table.add_column("#", justify="right")
-    table.add_column("prediction")
-    for i, p in enumerate(body["predictions"]):
-        table.add_row(str(i), json.dumps(p))
-    console.print(table)
-    console.print(f"[dim]server-timing: {resp.headers.get('server-timing', '')}[/]")
+    _print_predictions(
+        f"{body['model']} {body['version']}  request {body['request_id']}",
+        body["predictions"],
+        resp.headers.get("server-timing", ""),
+    )
 
 
 def _predict_oip(
@@ -299,10 +297,18 @@ def _predict_oip(
     if raw:
         console.print_json(data=body)
         return
-    table = Table(title=f"{body['model_name']} {body['model_version']}  ({protocol})")
+    _print_predictions(
+        f"{body['model_name']} {body['model_version']}  ({protocol})",
+        oip_client.predictions(body),
+        timing,
+    )
+
+
+def _print_predictions(title: str, predictions: list[Any], timing: str) -> None:
+    table = Table(title=title)
     table.add_column("#", justify="right")
     table.add_column("prediction")
-    for i, p in enumerate(oip_client.predictions(body)):
+    for i, p in enumerate(predictions):
         table.add_row(str(i), json.dumps(p))
     console.print(table)
     console.print(f"[dim]server-timing: {timing}[/]")

@@ -83,10 +83,14 @@ def _timeout_s(request: Request) -> float | None:
     return ms / 1000
 
 
-async def _read_json(request: Request, max_bytes: int) -> Any:
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing more than `max_bytes` (413) or an empty one (400)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {max_bytes}")
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding not in ("identity", ""):
+        raise MalformedRequest(f"content-encoding {encoding!r} is not supported")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -94,6 +98,10 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
     if not body:
         raise MalformedRequest("request body is empty; expected JSON")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -103,6 +111,10 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
             return json.loads(body)
         except ValueError:
             raise MalformedRequest(f"body is not valid JSON: {exc}") from None
+
+
+async def _read_json(request: Request, max_bytes: int) -> Any:
+    return parse_json(await read_body(request, max_bytes))
 
 
 class BatchingUpdate(BaseModel):

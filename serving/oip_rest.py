@@ -10,7 +10,6 @@ request parameter `binary_data_output`) come back the same way.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -23,8 +22,8 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from serving import oip
-from serving.errors import MalformedRequest, PayloadTooLarge, ServingError
-from serving.http import _timeout_s, request_id, server_timing
+from serving.errors import MalformedRequest, ServingError
+from serving.http import _timeout_s, parse_json, read_body, request_id, server_timing
 from serving.pipeline import Pipeline
 from serving.schemas import Arrays
 from serving.settings import Settings
@@ -73,23 +72,6 @@ class _V2Route(APIRoute):
         return handle
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {max_bytes}")
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding not in ("identity", ""):
-        raise MalformedRequest(f"content-encoding {encoding!r} is not supported")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
-    if not body:
-        raise MalformedRequest("request body is empty; expected an inference request")
-    return bytes(body)
-
-
 def _split(request: Request, body: bytes) -> tuple[bytes, bytes]:
     """The JSON header and the binary data after it (binary tensor data extension)."""
     raw = request.headers.get(HEADER_LENGTH)
@@ -101,18 +83,6 @@ def _split(request: Request, body: bytes) -> tuple[bytes, bytes]:
         )
     n = int(raw)
     return body[:n], body[n:]
-
-
-def _loads(text: bytes) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        # Error path only: the stdlib parser takes NaN/Infinity, so validation can
-        # name the input that holds one.
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise MalformedRequest(f"body is not valid JSON: {exc}") from None
 
 
 def _dict(value: Any, where: str) -> dict[str, Any]:
@@ -245,9 +215,9 @@ def build_v2_router(pipeline: Pipeline, settings: Settings) -> APIRouter:
         rid = request_id(request)
         t0 = time.perf_counter()
         header_timeout = _timeout_s(request)
-        body = await _read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes)
         head, binary = _split(request, body)
-        req = _V2Request(_loads(head), binary)
+        req = _V2Request(parse_json(head), binary)
         timeouts = [t for t in (header_timeout, req.timeout_s) if t is not None]
         read_s = time.perf_counter() - t0
         pred, outs = await oip.infer(
