@@ -15,11 +15,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import uvicorn
+
+from serving.http import ARRIVAL
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[ARRIVAL] = time.perf_counter()  # Server-Timing's `http` stage starts here
         headers = list(scope.get("headers", []))
         rid = next((v for k, v in headers if k == b"x-request-id"), None)
         if rid is None:

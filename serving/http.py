@@ -65,6 +65,19 @@ def server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timings.items())
 
 
+ARRIVAL = "serving.arrival"  # ASGI scope key: perf_counter() when the server got the request
+
+
+def account_arrival(request: Request, t0: float, timings: dict[str, float]) -> float:
+    """Put the time between the server receiving the request and our handler starting
+    (ASGI, routing) in an `http` stage, first; returns when the request arrived."""
+    arrived = float(request.scope.get(ARRIVAL, t0))
+    timings_first = {"http": max(t0 - arrived, 0.0), **timings}
+    timings.clear()
+    timings.update(timings_first)
+    return arrived
+
+
 def _timeout_s(request: Request) -> float | None:
     raw = request.headers.get("x-request-timeout-ms")
     if raw is None:
@@ -202,12 +215,13 @@ def build_http_app(
         )
         # Reading and parsing the body counts as decode time.
         pred.timings["decode"] += read_s
+        arrived = account_arrival(request, t0, pred.timings)
         t_enc = time.perf_counter()
         response = _answer(request, pred, rid)
         # Server-Timing was written before these two were known: patch them in.
         done = time.perf_counter()
         pred.timings["encode"] = done - t_enc
-        pred.timings["total"] = done - t0
+        pred.timings["total"] = done - arrived
         response.headers["server-timing"] = server_timing(pred.timings)
         return response
 

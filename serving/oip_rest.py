@@ -23,7 +23,14 @@ from fastapi.routing import APIRoute
 
 from serving import oip
 from serving.errors import MalformedRequest, ServingError
-from serving.http import _timeout_s, parse_json, read_body, request_id, server_timing
+from serving.http import (
+    _timeout_s,
+    account_arrival,
+    parse_json,
+    read_body,
+    request_id,
+    server_timing,
+)
 from serving.pipeline import Pipeline
 from serving.schemas import Arrays
 from serving.settings import Settings
@@ -233,6 +240,7 @@ def build_v2_router(pipeline: Pipeline, settings: Settings) -> APIRouter:
             request_id=req.id or rid,
         )
         pred.timings["decode"] += read_s
+        arrived = account_arrival(request, t0, pred.timings)
         t_enc = time.perf_counter()
         tensors: list[dict[str, Any]] = []
         blobs: list[bytes] = []
@@ -259,7 +267,7 @@ def build_v2_router(pipeline: Pipeline, settings: Settings) -> APIRouter:
         js = orjson.dumps(answer, option=_ORJSON)
         done = time.perf_counter()
         pred.timings["encode"] = done - t_enc
-        pred.timings["total"] = done - t0
+        pred.timings["total"] = done - arrived
         headers = {
             "server-timing": server_timing(pred.timings),
             "x-serving-batch-size": str(pred.batch_size),
