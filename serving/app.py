@@ -110,6 +110,8 @@ class Gateway:
             await asyncio.sleep(0.1)
 
     async def _deploy_versions(self, model: str, versions: list[str]) -> None:
+        # Fused versions already run in this process: no application to deploy.
+        versions = [v for v in versions if (model, v) not in self._local]
         registry = Registry(self._dep.registry)
         for v in versions:
             try:

@@ -92,7 +92,12 @@ class FeedbackStore:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_EVERY_S)
-            await self.flush()
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a background loop must never die
+                log.warning("prediction records not written: %s", exc)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -135,23 +135,32 @@ class RolloutController:
 
     async def _subscribe(self) -> None:
         while True:
+            pubsub = self._redis().pubsub()
             try:
-                pubsub = self._redis().pubsub()
                 await pubsub.subscribe(self._channel)
-                async for msg in pubsub.listen():
-                    if msg.get("type") == "message" and msg.get("data") in self.tables:
+                while True:
+                    # Poll with a timeout: an idle subscription is not an error.
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None and msg.get("data") in self.tables:
                         await self.reload([msg["data"]])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: the periodic reload covers the gap
                 log.debug("routing subscription lost: %s", exc)
                 await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _reload_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            try:
                 await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a background loop must never die
+                log.warning("routing reload failed: %s", exc)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -160,7 +169,7 @@ class RolloutController:
             if not pending:
                 continue
             bucket = bucket_start(time.time())
-            try:
+            try:  # a background loop must never die: any failure drops one second
                 pipe = self._redis().pipeline(transaction=False)
                 for (model, version), stats in pending.items():
                     key = self._k_stats(model, version, bucket)
@@ -168,7 +177,9 @@ class RolloutController:
                         pipe.hincrby(key, f, v)
                     pipe.expire(key, STATS_TTL_S)
                 await pipe.execute()
-            except (RedisError, OSError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
                 log.warning("dropping one second of rollout statistics: %s", exc)
 
     # ---- request path (memory only) ----------------------------------------------------

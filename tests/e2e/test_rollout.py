@@ -6,6 +6,7 @@ v3bad and the slow v4slow are rolled back, then shadowing and a restart are chec
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,7 +93,9 @@ class Traffic:
             return list(self.results)
 
 
-def wait_for(predicate: Any, timeout_s: float, what: str) -> dict[str, Any]:
+def wait_for(
+    predicate: Any, timeout_s: float, what: str, gw: GatewayUnderTest | None = None
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     last: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -100,7 +103,8 @@ def wait_for(predicate: Any, timeout_s: float, what: str) -> dict[str, Any]:
         if last:
             return last
         time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
+    state = json.dumps(admin(gw), indent=1)[:4000] if gw is not None else ""
+    pytest.fail(f"timed out waiting for {what}\n{state}")
 
 
 def app_names() -> set[str]:
@@ -140,6 +144,7 @@ def test_healthy_canary_walks_every_step_and_becomes_stable(gateway: GatewayUnde
             lambda: (s := admin(gateway))["rollout"]["status"] == "completed" and s,
             180,
             "the rollout to complete",
+            gateway,
         )
         after_start = traffic.snapshot()[started:]
     assert done["routing"]["stable"] == "v2" and done["routing"]["canary"] is None
