@@ -24,6 +24,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from serving.background import every
 from serving.errors import Conflict, FeatureStoreUnavailable, InvalidInput, NotFound
 from serving.metrics import metrics
 from serving.rollout import bucket_start
@@ -62,7 +63,9 @@ class FeedbackStore:
     def record(self, request_id: str, model: str, version: str, labels: np.ndarray) -> None:
         """Queue one prediction record (request path: memory only)."""
         if self._task is None:
-            self._task = asyncio.create_task(self._flush_loop())
+            self._task = asyncio.create_task(
+                every(FLUSH_EVERY_S, self.flush, "writing prediction records")
+            )
         classes, counts = np.unique(labels, return_counts=True)
         for cls, count in zip(classes.tolist(), counts.tolist()):
             metrics().predictions.inc(
@@ -88,16 +91,6 @@ class FeedbackStore:
         except (RedisError, OSError) as exc:
             self.dropped += len(pending)
             log.warning("dropped %d prediction records: %s", len(pending), exc)
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_EVERY_S)
-            try:
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a background loop must never die
-                log.warning("prediction records not written: %s", exc)
 
     async def close(self) -> None:
         if self._task is not None:

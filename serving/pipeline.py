@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from serving.background import every
 from serving.drift import DriftMonitor
 from serving.errors import (
     ConfigError,
@@ -377,7 +378,9 @@ class Pipeline:
         gauges for accuracy, drift and in-flight requests (every few seconds)."""
         if self._monitor is not None:
             return
-        self._monitor = asyncio.create_task(self._monitor_loop())
+        self._monitor = asyncio.create_task(
+            every(MONITOR_EVERY_S, self._publish_gauges, "publishing monitoring gauges")
+        )
         if self.rollouts is not None:
             await self.rollouts.ensure_started()
 
@@ -400,16 +403,6 @@ class Pipeline:
             features, prediction = monitor.psi()
             out["psi"] = {"features": features, "prediction": prediction}
         return out
-
-    async def _monitor_loop(self) -> None:
-        while True:
-            await asyncio.sleep(MONITOR_EVERY_S)
-            try:
-                await self._publish_gauges()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis away: gauges keep their last values
-                log.debug("monitoring gauges not updated: %s", exc)
 
     async def _publish_gauges(self) -> None:
         m = metrics()

@@ -22,6 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from serving.background import every
 from serving.errors import Conflict, InvalidInput, NotFound
 from serving.metrics import metrics
 from serving.rollout import (
@@ -105,9 +106,9 @@ class RolloutController:
             await asyncio.wait_for(self.reload(), 2.0)
         for coro in (
             self._subscribe(),
-            self._reload_loop(),
-            self._flush_loop(),
-            self._analysis_loop(),
+            every(1.0, self.reload, "routing reload"),
+            every(1.0, self._flush_stats, "flushing rollout statistics"),
+            every(0.5, self._analyze, "rollout analysis"),
         ):
             self._tasks.append(asyncio.create_task(coro))
 
@@ -152,35 +153,19 @@ class RolloutController:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _reload_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                await self.reload()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a background loop must never die
-                log.warning("routing reload failed: %s", exc)
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            pending = self.recorder.drain()
-            if not pending:
-                continue
-            bucket = bucket_start(time.time())
-            try:  # a background loop must never die: any failure drops one second
-                pipe = self._redis().pipeline(transaction=False)
-                for (model, version), stats in pending.items():
-                    key = self._k_stats(model, version, bucket)
-                    for f, v in stats.to_fields().items():
-                        pipe.hincrby(key, f, v)
-                    pipe.expire(key, STATS_TTL_S)
-                await pipe.execute()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("dropping one second of rollout statistics: %s", exc)
+    async def _flush_stats(self) -> None:
+        """This replica's last second of per-arm statistics, in one pipeline."""
+        pending = self.recorder.drain()
+        if not pending:
+            return
+        bucket = bucket_start(time.time())
+        pipe = self._redis().pipeline(transaction=False)
+        for (model, version), stats in pending.items():
+            key = self._k_stats(model, version, bucket)
+            for f, v in stats.to_fields().items():
+                pipe.hincrby(key, f, v)
+            pipe.expire(key, STATS_TTL_S)
+        await pipe.execute()
 
     # ---- request path (memory only) ----------------------------------------------------
     def route(self, model: str, sticky: str | None, pinned: str | None) -> tuple[str | None, Arm]:
@@ -470,17 +455,10 @@ class RolloutController:
             return True
         return False
 
-    async def _analysis_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            try:
-                if await self._leader():
-                    for model in list(self.tables):
-                        await self._tick(model)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("rollout analysis failed; retrying")
+    async def _analyze(self) -> None:
+        if await self._leader():
+            for model in list(self.tables):
+                await self._tick(model)
 
     async def _tick(self, model: str) -> None:
         assert self._op_lock is not None
