@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from serving.background import every
 from serving.drift import DriftMonitor
@@ -480,9 +482,6 @@ class Pipeline:
         self, model: str, version: str, method: str, timeout_s: float, *args: Any
     ) -> Any:
         """Call a replica method with a deadline, mapping Ray's failures to ours."""
-        from ray.exceptions import RayActorError, RayTaskError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
         if timeout_s <= 0:
             raise DeadlineExceeded("deadline exceeded before the model was called")
         local = self._local.get((model, version))
