@@ -21,6 +21,9 @@ from tests.conftest import RedisServer, free_port
 
 __all__ = ["TOKEN", "GatewayUnderTest", "free_port"]
 TOKEN = "e2e-admin-token"
+# v4slow / scaleme: seconds per batch, well above the 200 ms p99 and 100 ms SLO that
+# the rollout and autoscaling tests hold them to.
+SLOW_BATCH_S = 0.4
 
 
 @dataclass
@@ -87,7 +90,9 @@ def _registry_copy(src: Path, dst: Path) -> Path:
 
 def build_rollout_model(digits: Path, root: Path) -> None:
     """`rollme`: v1 and v2 are the digits CNN; v3bad fails on images whose first pixel
-    is set; v4slow answers correctly but spends ~0.3 s per batch."""
+    is set; v4slow answers correctly but spends ~SLOW_BATCH_S per batch on this machine
+    (its busy loop is sized here, single-threaded as in a replica, so the latency
+    checks that use it hold on a fast CPU as on a slow one)."""
     import torch
 
     inner = torch.jit.load(str(digits / "model.pt"))
@@ -103,14 +108,15 @@ def build_rollout_model(digits: Path, root: Path) -> None:
             return self.inner(image)
 
     class Slow(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
+        def __init__(self, inner: torch.nn.Module, iterations: int) -> None:
             super().__init__()
             self.inner = inner
+            self.iterations = iterations
             self.w = torch.nn.Parameter(torch.eye(384) * 0.5, requires_grad=False)
 
         def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = torch.ones(384, 384)
-            for _ in range(60):
+            for _ in range(self.iterations):
                 x = torch.relu(x @ self.w)
             label, probs = self.inner(image)
             return label, probs + x[0, 0] * 0.0
@@ -120,7 +126,7 @@ def build_rollout_model(digits: Path, root: Path) -> None:
         ("v1", None),
         ("v2", None),
         ("v3bad", Faulty(inner)),
-        ("v4slow", Slow(inner)),
+        ("v4slow", Slow(inner, _slow_iterations(torch))),
     ):
         folder = root / version
         folder.mkdir(parents=True)
@@ -131,6 +137,23 @@ def build_rollout_model(digits: Path, root: Path) -> None:
         (folder / "model.yaml").write_text(
             yaml.safe_dump({**manifest, "name": "rollme", "version": version})
         )
+
+
+def _slow_iterations(torch: Any) -> int:
+    """Iterations of a 384x384 matmul that take SLOW_BATCH_S on one thread here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w, x = torch.eye(384) * 0.5, torch.ones(384, 384)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                x = torch.relu(x @ w)
+            best = min(best, (time.perf_counter() - t0) / 20)
+    finally:
+        torch.set_num_threads(threads)
+    return max(20, round(SLOW_BATCH_S / best))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,24 +94,51 @@ class Traffic:
             return list(self.results)
 
 
-def wait_for(
-    predicate: Any, timeout_s: float, what: str, gw: GatewayUnderTest | None = None
-) -> dict[str, Any]:
+def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
-    last: dict[str, Any] = {}
+    last: Any = None
     while time.monotonic() < deadline:
         last = predicate()
         if last:
             return last
         time.sleep(0.5)
-    state = json.dumps(admin(gw), indent=1)[:4000] if gw is not None else ""
-    pytest.fail(f"timed out waiting for {what}\n{state}")
+    pytest.fail(f"timed out waiting for {what}; last seen: {last!r}")
+
+
+def wait_status(gw: GatewayUnderTest, want: str, timeout_s: float) -> dict[str, Any]:
+    """Poll the rollout until its status is `want`; fail at once, with the state, when
+    it ends any other way (a decision the test did not expect) or on the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = admin(gw)
+        status = s["rollout"]["status"]
+        if status == want:
+            return s
+        if status not in ("running", "paused") or time.monotonic() > deadline:
+            what = f"status {status!r}" if status not in ("running", "paused") else "timeout"
+            pytest.fail(f"waiting for {want!r}: {what}\n{json.dumps(s, indent=1)[:4000]}")
+        time.sleep(0.5)
 
 
 def app_names() -> set[str]:
     from ray import serve
 
     return set(serve.status().applications)
+
+
+@pytest.fixture(autouse=True)
+def _no_rollout_left_by_a_failure(
+    gateway: GatewayUnderTest, request: pytest.FixtureRequest
+) -> Iterator[None]:
+    """A test that fails mid-rollout has it rolled back, so the next test does not fail
+    on the 409 it would leave (the first failure is the one to read). Passing tests hand
+    their state on: the tests run in order."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        return
+    if admin(gateway)["rollout"]["status"] in ("running", "paused"):
+        admin(gateway, {"action": "rollback"})
 
 
 def test_admin_calls_need_the_token(gateway: GatewayUnderTest) -> None:
@@ -140,12 +168,7 @@ def test_healthy_canary_walks_every_step_and_becomes_stable(gateway: GatewayUnde
         assert status["routing"]["canary"] == "v2"
         assert status["routing"]["canary_weight"] == 20
         started = len(traffic.snapshot())
-        done = wait_for(
-            lambda: (s := admin(gateway))["rollout"]["status"] == "completed" and s,
-            180,
-            "the rollout to complete",
-            gateway,
-        )
+        done = wait_status(gateway, "completed", 180)
         after_start = traffic.snapshot()[started:]
     assert done["routing"]["stable"] == "v2" and done["routing"]["canary"] is None
     actions = [d["action"] for d in reversed(done["history"])]
@@ -175,11 +198,7 @@ def test_faulty_canary_is_rolled_back_within_two_intervals(gateway: GatewayUnder
         )
         t0 = time.monotonic()
         assert status["routing"]["canary"] == "v3bad"
-        done = wait_for(
-            lambda: (s := admin(gateway))["rollout"]["status"] == "rolled_back" and s,
-            60,
-            "the automatic rollback",
-        )
+        done = wait_status(gateway, "rolled_back", 60)
         elapsed = time.monotonic() - t0
         # Requests in flight at the rollback still complete.
         mark = len(traffic.snapshot())
@@ -209,11 +228,7 @@ def test_slow_canary_is_rolled_back(gateway: GatewayUnderTest) -> None:
                 "max_p99_ms": 200,
             },
         )
-        done = wait_for(
-            lambda: (s := admin(gateway))["rollout"]["status"] == "rolled_back" and s,
-            90,
-            "the automatic rollback",
-        )
+        done = wait_status(gateway, "rolled_back", 90)
     assert "p99" in done["history"][0]["reason"]
     assert done["routing"]["stable"] == "v2"
 
