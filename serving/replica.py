@@ -88,6 +88,8 @@ class ModelWorker:
         self._tags = {"model": model, "version": version}
         # One inference thread: batches run one at a time, in arrival order.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{model}-{version}")
+        # Requests inside predict(): 0 means a new one would find the worker idle.
+        self._inflight = 0
         # (monotonic time, queue wait + inference) per request: the autoscaling signal.
         self._recent: deque[tuple[float, float]] = deque(maxlen=8192)
         # A batch queue per instance (a decorated method would share one queue among
@@ -150,10 +152,19 @@ class ModelWorker:
     async def predict(self, inputs: Arrays) -> ReplicaResult:
         t0 = time.perf_counter()
         pieces = batching.chunk(inputs, self._max_batch)
-        if len(pieces) == 1:
-            done = [await self._run_batch(_Item(pieces[0], t0))]
-        else:
-            done = list(await asyncio.gather(*(self._run_batch(_Item(p, t0)) for p in pieces)))
+        # A request that finds the worker idle has no one to wait for: its batch leaves
+        # at once. Otherwise a batch is running or forming, and the next one waits up to
+        # batch_wait_timeout_s for company, as configured. (Ray's batcher reads the wait
+        # when it takes a batch's first request, after this line has run.)
+        self._run_batch.set_batch_wait_timeout_s(0.0 if self._inflight == 0 else self._wait)
+        self._inflight += 1
+        try:
+            if len(pieces) == 1:
+                done = [await self._run_batch(_Item(pieces[0], t0))]
+            else:
+                done = list(await asyncio.gather(*(self._run_batch(_Item(p, t0)) for p in pieces)))
+        finally:
+            self._inflight -= 1
         return ReplicaResult(
             outputs=batching.concat_outputs([d.outputs for d in done]),
             queue_s=max(d.queue_s for d in done),

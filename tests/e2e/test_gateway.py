@@ -187,6 +187,19 @@ def test_64_concurrent_requests_are_correct_and_batched(gateway: GatewayUnderTes
     assert max(sizes) > 1, sizes
 
 
+def test_a_lone_request_does_not_wait_for_a_batch(gateway: GatewayUnderTest) -> None:
+    """fraud v2 waits up to 10 ms for company when busy; one request at a time finds it
+    idle and leaves at once (the concurrent test above shows batching under load)."""
+    recs = records(gateway.registry, 12)
+    queue_ms = []
+    for rec in recs:
+        r = post(gateway, "/v1/models/fraud/versions/v2:predict", {"instances": [rec]})
+        assert r.status_code == 200 and r.headers["x-serving-batch-size"] == "1"
+        stages = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+        queue_ms.append(float(stages["queue"]))
+    assert sorted(queue_ms)[len(queue_ms) // 2] < 5.0, queue_ms
+
+
 def test_live_reconfigure_changes_batch_size_without_restart(gateway: GatewayUnderTest) -> None:
     base = f"{gateway.url}/admin/v1/models/fraud/versions/v2/batching"
     before = httpx.get(base, headers=gateway.admin(), timeout=10).json()
