@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,12 @@ from serving.schemas import (
 from serving.settings import BatchingOverride, Settings
 
 log = logging.getLogger(__name__)
+
+# The predict routes' paths as Starlette matches them (a parameter is `[^/]+`).
+PREDICT_PATH = re.compile(r"^/v1/models/(?P<name>[^/]+):predict$")
+PREDICT_VERSION_PATH = re.compile(
+    r"^/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+):predict$"
+)
 
 Reconfigure = Callable[[str, str, BatchingOverride], Awaitable[None]]
 
@@ -251,6 +258,29 @@ def build_http_app(
     async def predict_version(name: str, version: str, request: Request) -> Response:
         """Predict with one version of the model."""
         return await _predict(request, name, version)
+
+    async def fast_predict(scope: Any, receive: Any, send: Any) -> bool:
+        """The two predict routes as plain ASGI, for the direct HTTP server: the same
+        handler and the same error answers as through FastAPI, without its routing,
+        dependency solving and middleware layers (measured at ~0.2 ms per request on the
+        reference machine, a tenth of a fused fraud answer). Returns False for any other
+        request, which then goes through FastAPI."""
+        if scope["method"] != "POST":
+            return False
+        path: str = scope["path"]
+        if not (m := PREDICT_VERSION_PATH.match(path) or PREDICT_PATH.match(path)):
+            return False
+        request = Request(scope, receive)
+        try:
+            response = await _predict(request, m["name"], m.groupdict().get("version"))
+        except ServingError as exc:
+            response = await _serving_error(request, exc)
+        except Exception as exc:
+            response = await _unexpected(request, exc)
+        await response(scope, receive, send)
+        return True
+
+    app.state.fast_path = fast_predict
 
     def _status(name: str, version: str, ready: bool) -> dict[str, Any]:
         return {

@@ -1,0 +1,75 @@
+"""The direct HTTP server's arrival stamp (uvicorn in this process; no Ray, no Redis).
+
+Server-Timing's `http` stage runs from the stamp to our handler: it must start when the
+request's first bytes were read, so that a request whose body comes late, or which waits
+for a busy event loop, shows that time inside a stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from serving.direct_http import DirectHttpServer
+from serving.http import ARRIVAL
+from tests.conftest import free_port
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the arrival stamp and when the handler got the whole body."""
+    while (await receive()).get("more_body", False):
+        pass
+    body = json.dumps({"arrival": scope[ARRIVAL], "handler": time.perf_counter()}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def exchange(port: int, parts: list[bytes], pause_s: float) -> tuple[float, dict[str, Any]]:
+    """Send a request in parts with a pause between them; returns when the first part
+    was written and the decoded answer (plus its x-request-id)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        first_sent = time.perf_counter()
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(pause_s)
+            writer.write(part)
+            await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if b": " in line)
+        body = await reader.readexactly(int(headers[b"content-length"]))
+        out: dict[str, Any] = json.loads(body)
+        out["rid"] = headers.get(b"x-request-id")
+        return first_sent, out
+    finally:
+        writer.close()
+
+
+async def test_arrival_is_when_the_first_bytes_were_read() -> None:
+    server = DirectHttpServer(app, "127.0.0.1", free_port())
+    await server.start()
+    try:
+        # uvicorn calls the app once the headers are complete: split them, so that a
+        # stamp taken by the app (or middleware) would come a pause too late.
+        line, rest = b"POST /x HTTP/1.1\r\nhost: t\r\n", b"content-length: 4\r\n\r\n"
+        sent, got = await exchange(server.port, [line, rest, b"abcd"], pause_s=0.1)
+        # The stamp is the first read, not the handler's start after the late parts.
+        assert sent <= got["arrival"] < sent + 0.05
+        assert got["handler"] - got["arrival"] >= 0.19
+        assert got["rid"]  # the middleware still adds a request id
+        # A second request on a new connection gets its own stamp.
+        sent2, got2 = await exchange(server.port, [line + rest + b"abcd"], pause_s=0)
+        assert sent2 <= got2["arrival"] < sent2 + 0.05 and got2["arrival"] > got["handler"]
+    finally:
+        await server.stop()
