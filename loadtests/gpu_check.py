@@ -39,8 +39,7 @@ def _throughput(rt: Any, name: str, x: np.ndarray, seconds: float) -> list[dict[
             rt.predict(batch)
             n += 1
         elapsed = time.perf_counter() - start
-        out.append({"batch": bs, "rows_per_s": bs * n / elapsed,
-                    "batch_ms": 1000 * elapsed / n})
+        out.append({"batch": bs, "rows_per_s": bs * n / elapsed, "batch_ms": 1000 * elapsed / n})
     return out
 
 
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: torch sees no CUDA device; nothing to compare", file=sys.stderr)
         return 2
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        print("gpu_check: onnxruntime has no CUDA provider (pip install '.[gpu]')",
-              file=sys.stderr)
+        print("gpu_check: onnxruntime has no CUDA provider (pip install '.[gpu]')", file=sys.stderr)
         return 2
     reg = Registry(args.registry)
     results: dict[str, Any] = {

@@ -5,10 +5,16 @@ model's metadata) and serialized once; each call sends the bytes as they are and
 the answer undecoded: the generator only needs the status and the `server-timing`
 trailing metadata. One channel, i.e. one HTTP/2 connection multiplexing every call, as
 gRPC clients do.
+
+Calls go through the synchronous channel's `future()` API, completed into the
+generator's event loop by a done-callback: grpc.aio costs ~0.8 ms of client CPU per call
+(measured; the report shows it), which on a 2-core machine is taken from the system
+under test. The future API does the same RPC on gRPC's own C-core threads for a fraction.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -27,13 +33,14 @@ def _identity(x: bytes) -> bytes:
 class GrpcClient:
     """`path` is the model name; its default version answers, as over HTTP."""
 
-    def __init__(self, channel: grpc.aio.Channel, requests: list[bytes], flag: bytes | None):
+    def __init__(self, channel: grpc.Channel, requests: list[bytes], flag: bytes | None):
         self._channel = channel
         self._requests = requests
         self._flag = flag
         self._infer = channel.unary_unary(
             METHOD, request_serializer=_identity, response_deserializer=_identity
         )
+        self._loop = asyncio.get_running_loop()
         self.connections_opened = 1
 
     @classmethod
@@ -44,9 +51,11 @@ class GrpcClient:
         from serving.proto import grpc_predict_v2_pb2 as pb
         from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
-        channel = grpc.aio.insecure_channel(f"{host}:{port}")
+        channel = grpc.insecure_channel(f"{host}:{port}")
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
+        meta = await asyncio.to_thread(
+            stub.ModelMetadata, pb.ModelMetadataRequest(name=model), timeout=30
+        )
         inputs: list[dict[str, Any]] = [
             {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs
         ]
@@ -62,18 +71,31 @@ class GrpcClient:
         return cls(channel, requests, b"degraded" if scenario.flag else None)
 
     async def call(self, i: int) -> Reply:
+        done: asyncio.Future[Any] = self._loop.create_future()
+
+        def finished(call: Any) -> None:  # on a gRPC thread
+            self._loop.call_soon_threadsafe(_settle, done, call)
+
         sent = now()
-        call = self._infer(self._requests[i % len(self._requests)], timeout=10.0)
+        self._infer.future(self._requests[i % len(self._requests)], timeout=10.0).add_done_callback(
+            finished
+        )
+        call = await done
         try:
-            answer: bytes = await call
-        except grpc.aio.AioRpcError as exc:
+            answer: bytes = call.result()
+        except grpc.RpcError as exc:
             return Reply(False, exc.code().value[0], sent)
         timing = None
-        for key, value in await call.trailing_metadata() or ():
+        for key, value in call.trailing_metadata() or ():
             if key == "server-timing":
                 timing = value.encode() if isinstance(value, str) else value
         flagged = self._flag is not None and self._flag in answer
         return Reply(True, 0, sent, timing, flagged)
 
     async def aclose(self) -> None:
-        await self._channel.close()
+        self._channel.close()
+
+
+def _settle(fut: asyncio.Future[Any], call: Any) -> None:
+    if not fut.done():  # the caller may have been cancelled meanwhile
+        fut.set_result(call)

@@ -256,10 +256,10 @@ def _generator_section(results: dict[str, Any]) -> list[str]:
         return []
     s, c, o = g["serial"], g["closed"], g["open_1000"]
     # CPU per request over every run of the report, weighted by requests, per transport.
-    cpu: dict[str, list[float]] = {"HTTP": [0.0, 0.0], "gRPC (grpc.aio)": [0.0, 0.0]}
+    cpu: dict[str, list[float]] = {"HTTP": [0.0, 0.0], "gRPC": [0.0, 0.0]}
     for sc in results["scenarios"].values():
         for system, m in sc["systems"].items():
-            acc = cpu["gRPC (grpc.aio)" if system.endswith("grpc") else "HTTP"]
+            acc = cpu["gRPC" if system.endswith("grpc") else "HTTP"]
             for r in [m["serial"], *m["closed"], *m["open"]]:
                 acc[0] += r["client_cpu_us_per_request"] * r["requests"]
                 acc[1] += r["requests"]

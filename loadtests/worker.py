@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from loadtests import loadgen
@@ -71,23 +71,18 @@ async def _load(cmd: dict[str, Any]) -> dict[str, Any]:
     return r.summary()
 
 
-def _run(coro: Coroutine[Any, Any, dict[str, Any]], uv: bool) -> dict[str, Any]:
-    """uvloop when available (cheaper, and its timers keep the schedule tighter); gRPC's
-    asyncio API wants the standard loop."""
-    runner: Callable[[Coroutine[Any, Any, dict[str, Any]]], dict[str, Any]] = asyncio.run
-    if uv:
-        try:
-            import uvloop
-
-            runner = uvloop.run
-        except ImportError:
-            pass
-    return runner(coro)
+def _run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """uvloop when available: cheaper, and its timers keep the schedule tighter."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def handle(cmd: dict[str, Any]) -> dict[str, Any]:
     if cmd["op"] == "load":
-        return _run(_load(cmd), uv=cmd.get("kind", "http") == "http")
+        return _run(_load(cmd))
     if cmd["op"] == "ceiling":
         from loadtests import ceiling
 
