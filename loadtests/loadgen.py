@@ -365,8 +365,8 @@ def timing_coverage(timings: list[dict[str, float]], latencies_s: list[float]) -
     """How much of the client-measured latency the server's stages account for.
 
     coverage = mean over requests of sum(stages except `total`) / client latency.
-    `outside_total_ms` is client latency minus the server's `total`: the proxy, Ray's hop
-    into the ingress replica, the ASGI framework and the client itself.
+    `outside_total_ms` is client latency minus the server's `total`: whatever the server's
+    clock does not see (transport, framework, kernel) and the client itself.
     """
     n = len(timings)
     stages: dict[str, float] = {}
