@@ -668,7 +668,7 @@ def _start(
     if not systems or not scenarios:
         return env
     redis_url = stack.enter_context(redis_server())
-    namespace = Settings(redis_url=redis_url).feature_namespace
+    namespace = Settings(redis_url=redis_url).redis_namespace
     unique = {(s.model, s.version): s for s in scenarios}.values()
     rows = sum(load_features(redis_url, namespace, s) for s in unique)
     progress(f"redis on {redis_url}: loaded {rows} feature rows")
@@ -729,7 +729,7 @@ def _deploy(
             # Never the default 9000: another gateway on this machine may hold it.
             grpc_port=env.ports["gateway-grpc"],
             redis_url=redis_url,
-            feature_namespace=namespace,
+            redis_namespace=namespace,
             registry_dir=registry,
         )
         dep = gateway_deployment(scenarios, registry)

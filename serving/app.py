@@ -56,7 +56,7 @@ class Gateway:
         s = self._settings
         self._rollouts = RolloutController(
             s.redis_url,
-            s.feature_namespace,
+            s.redis_namespace,
             {m: cfg.default for m, cfg in self._dep.models.items()},
             self._deploy_versions,
             self._retire_versions,
@@ -73,7 +73,7 @@ class Gateway:
             s,
             _replica_handle,
             rollouts=self._rollouts,
-            feedback=FeedbackStore(s.redis_url, s.feature_namespace, s.prediction_ttl_s),
+            feedback=FeedbackStore(s.redis_url, s.redis_namespace, s.prediction_ttl_s),
             local=self._local,
         )
         self._admin_token = admin_token

@@ -171,7 +171,7 @@ def routed_versions(settings: Settings, models: list[str]) -> dict[str, set[str]
 
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        docs = client.mget([f"{settings.feature_namespace}:routing:{m}" for m in models])
+        docs = client.mget([f"{settings.redis_namespace}:routing:{m}" for m in models])
     except redis.RedisError:
         return {}
     return {m: RoutingTable.model_validate_json(d).versions() for m, d in zip(models, docs) if d}
@@ -192,12 +192,12 @@ def bootstrap_feature_tables(settings: Settings, dep: DeploymentFile) -> None:
             continue
         entity = materialize.normalize_entity(first[1][table.entity_column or view.entity])
         if entity is not None and client.exists(
-            redis_key(settings.feature_namespace, view.name, entity)
+            redis_key(settings.redis_namespace, view.name, entity)
         ):
             console.print(f"features: view {view.name} already loaded")
             continue
         report = materialize.load(
-            settings.redis_url, settings.feature_namespace, view, table.path, table.entity_column
+            settings.redis_url, settings.redis_namespace, view, table.path, table.entity_column
         )
         console.print(
             f"features: loaded {report.rows} rows into {view.name} "

@@ -114,7 +114,7 @@ def load(
 
         try:
             report = materialize.load(
-                url, settings.feature_namespace, fv, path, entity_column, batch_size, progress
+                url, settings.redis_namespace, fv, path, entity_column, batch_size, progress
             )
         except ConfigError as exc:
             bar.stop()
@@ -152,7 +152,7 @@ def get(
     settings = Settings()
     fv = _view(settings, config, view)
     try:
-        stored = materialize.get(settings.redis_url, settings.feature_namespace, fv, entity_id)
+        stored = materialize.get(settings.redis_url, settings.redis_namespace, fv, entity_id)
     except redis.RedisError as exc:
         _fail(f"cannot reach Redis at {_safe_url(settings.redis_url)}: {exc}")
     if stored is None:

@@ -208,7 +208,7 @@ class Pipeline:
             s = self._settings
             self._features = RedisFeatureStore(
                 s.redis_url,
-                s.feature_namespace,
+                s.redis_namespace,
                 timeout_s=s.feature_timeout_s,
                 cache_ttl_s=s.feature_cache_ttl_s,
                 max_connections=s.redis_max_connections,

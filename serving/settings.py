@@ -56,8 +56,16 @@ class Settings(BaseSettings):
     torch_threads: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    # Online features (Redis). Keys are "<feature_namespace>:fv:<view>:<entity id>".
-    feature_namespace: str = "serving"
+    # Prefix of every key the gateway keeps in Redis: features ("<ns>:fv:<view>:<id>"),
+    # routing and rollout state, statistics, prediction records. SERVING_FEATURE_NAMESPACE,
+    # its first name, is still read when SERVING_REDIS_NAMESPACE is not set.
+    redis_namespace: str = Field(
+        default="serving",
+        validation_alias=AliasChoices(
+            "SERVING_REDIS_NAMESPACE", "SERVING_FEATURE_NAMESPACE", "redis_namespace"
+        ),
+    )
+    # Online features (Redis).
     # Deadline for one request's feature round trip; past it the model's policy applies.
     feature_timeout_s: float = 0.020
     # In-process cache of looked-up entities (seconds; 0 turns it off).

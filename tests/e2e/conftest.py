@@ -225,7 +225,7 @@ def gateway(
     for view, key in (("user_stats", "user_id"), ("merchant_stats", "merchant_id")):
         materialize.load(
             redis_server.url,
-            settings.feature_namespace,
+            settings.redis_namespace,
             materialize.find_view(registry, view),
             registry / "fraud" / "features" / f"{view}.csv",
             key,

@@ -115,7 +115,7 @@ def test_serving_up_serves_then_stops_on_sigterm(
             "SERVING_METRICS_PORT": str(free_port()),
             "SERVING_RAY_PROXY_PORT": str(free_port()),
             "SERVING_REDIS_URL": redis_server.url,
-            "SERVING_FEATURE_NAMESPACE": "up-test",  # empty: `serving up` loads the tables
+            "SERVING_REDIS_NAMESPACE": "up-test",  # empty: `serving up` loads the tables
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -171,7 +171,7 @@ def cli(url: str, ns: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "SERVING_REDIS_URL": url,
-        "SERVING_FEATURE_NAMESPACE": ns,
+        "SERVING_REDIS_NAMESPACE": ns,
         "COLUMNS": "200",
     }
     env.pop("SERVING_REGISTRY_DIR", None)
