@@ -34,8 +34,8 @@ class RequestIdMiddleware:
     """What Ray Serve's proxy does for requests it forwards: make sure the request has an
     `x-request-id` (generated when the client sent none) and echo it in the response.
 
-    Requests the app's `state.fast_path` takes (the predict routes; see
-    serving.http.build_http_app) are answered by it directly, the rest by the app."""
+    Requests the app's `state.fast_path` takes (the v1 predict and v2 infer routes; see
+    serving.http.FastRoutes) are answered by it directly, the rest by the app."""
 
     def __init__(self, app: Any) -> None:
         self.app = app

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -24,6 +24,7 @@ from fastapi.routing import APIRoute
 from serving import oip
 from serving.errors import MalformedRequest, ServingError
 from serving.http import (
+    FastRoutes,
     _timeout_s,
     account_arrival,
     parse_json,
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "inference-header-content-length"
 ERROR_CODE_HEADER = "x-serving-error-code"
+INFER = "/v2/models/{name}/infer"
+INFER_VERSION = "/v2/models/{name}/versions/{version}/infer"
 _ORJSON = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -56,6 +59,20 @@ def _error(request: Request, status: int, message: str, code: str) -> Response:
     return _body({"error": message}, status, headers)
 
 
+async def _answer_errors(request: Request, handler: Callable[[], Awaitable[Response]]) -> Response:
+    """The handler's answer, or its failure in the protocol's error format."""
+    try:
+        return await handler()
+    except ServingError as exc:
+        return _error(request, exc.http_status, exc.message, exc.code)
+    except RequestValidationError as exc:
+        return _error(request, 400, f"invalid request: {exc.errors()!r:.300}", "malformed_request")
+    except Exception:
+        rid = request_id(request)
+        log.exception("unhandled error in v2 request %s", rid)
+        return _error(request, 500, f"internal error (request {rid})", "internal")
+
+
 class _V2Route(APIRoute):
     """Every failure on a v2 route answers in the protocol's error format."""
 
@@ -63,18 +80,7 @@ class _V2Route(APIRoute):
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ServingError as exc:
-                return _error(request, exc.http_status, exc.message, exc.code)
-            except RequestValidationError as exc:
-                return _error(
-                    request, 400, f"invalid request: {exc.errors()!r:.300}", "malformed_request"
-                )
-            except Exception:
-                rid = request_id(request)
-                log.exception("unhandled error in v2 request %s", rid)
-                return _error(request, 500, f"internal error (request {rid})", "internal")
+            return await _answer_errors(request, lambda: handler(request))
 
         return handle
 
@@ -169,7 +175,10 @@ class _V2Request:
                 self.binary[name] = bool(oparams.get("binary_data", binary_default))
 
 
-def build_v2_router(pipeline: Pipeline, settings: Settings) -> APIRouter:
+def build_v2_router(
+    pipeline: Pipeline, settings: Settings, fast: FastRoutes | None = None
+) -> APIRouter:
+    """The v2 routes; the two infer routes are also added to `fast` when given."""
     router = APIRouter(route_class=_V2Route, tags=["v2 (Open Inference Protocol)"])
 
     @router.get("/v2")
@@ -300,14 +309,22 @@ def build_v2_router(pipeline: Pipeline, settings: Settings) -> APIRouter:
         }
     }
 
-    @router.post("/v2/models/{name}/infer", openapi_extra=infer_doc)
+    @router.post(INFER, openapi_extra=infer_doc)
     async def model_infer(name: str, request: Request) -> Response:
         """Inference with the model's default version."""
         return await _infer(request, name, None)
 
-    @router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=infer_doc)
+    @router.post(INFER_VERSION, openapi_extra=infer_doc)
     async def model_version_infer(name: str, version: str, request: Request) -> Response:
         """Inference with one version of the model."""
         return await _infer(request, name, version)
 
+    async def fast_infer(request: Request, params: dict[str, str]) -> Response:
+        return await _answer_errors(
+            request, lambda: _infer(request, params["name"], params.get("version"))
+        )
+
+    if fast is not None:
+        fast.add(INFER, fast_infer)
+        fast.add(INFER_VERSION, fast_infer)
     return router

@@ -73,3 +73,50 @@ async def test_arrival_is_when_the_first_bytes_were_read() -> None:
         assert sent2 <= got2["arrival"] < sent2 + 0.05 and got2["arrival"] > got["handler"]
     finally:
         await server.stop()
+
+
+async def test_fast_routes_take_only_their_post_paths() -> None:
+    from fastapi.responses import Response
+
+    from serving.http import PREDICT, PREDICT_VERSION, FastRoutes
+    from serving.oip_rest import INFER
+
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def handler(tag: str) -> Any:
+        async def answer(request: Any, params: dict[str, str]) -> Response:
+            seen.append((tag, params))
+            return Response(b"ok")
+
+        return answer
+
+    fast = FastRoutes()
+    fast.add(PREDICT, handler("v1"))
+    fast.add(PREDICT_VERSION, handler("v1-version"))
+    fast.add(INFER, handler("v2"))
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def take(method: str, path: str) -> bool:
+        scope = {"type": "http", "method": method, "path": path, "headers": []}
+        return await fast(scope, receive, send)
+
+    assert await take("POST", "/v1/models/fraud:predict")
+    assert await take("POST", "/v1/models/fraud/versions/v2:predict")
+    assert await take("POST", "/v2/models/digits/infer")
+    assert seen == [
+        ("v1", {"name": "fraud"}),
+        ("v1-version", {"name": "fraud", "version": "v2"}),
+        ("v2", {"name": "digits"}),
+    ]
+    # Anything else is left to FastAPI.
+    assert not await take("GET", "/v1/models/fraud:predict")
+    assert not await take("POST", "/v1/models/a/b:predict")
+    assert not await take("POST", "/v1/models/fraud:predicted")
+    assert not await take("POST", "/v1/feedback")
+    assert len(seen) == 3 and sent[0]["status"] == 200
