@@ -422,6 +422,14 @@ def _print_status(status: dict[str, Any]) -> None:
             + (f", max p99 {spec['max_p99_ms']:g} ms" if spec.get("max_p99_ms") else "")
             + f", min {spec['min_requests']} requests per arm"
         )
+    analysis = status.get("analysis")
+    if ro["status"] == "running":
+        last = (
+            f"last ran {time.time() - analysis['at']:.0f}s ago (leader {analysis['leader']})"
+            if analysis
+            else "[bold red]has not run[/]"
+        )
+        console.print(f"analysis {last}")
     table = Table(title="current window")
     for col in ("version", "requests", "errors", "error rate", "p99 ms", "shadow agreement"):
         table.add_column(col)

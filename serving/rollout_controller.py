@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -79,6 +80,9 @@ class RolloutController:
 
     def _k_history(self, model: str) -> str:
         return f"{self._ns}:rollout:{model}:history"
+
+    def _k_analyzed(self, model: str) -> str:
+        return f"{self._ns}:rollout:{model}:analyzed"
 
     def _k_stats(self, model: str, version: str, bucket: int) -> str:
         return f"{self._ns}:stats:{model}:{version}:{bucket}"
@@ -431,6 +435,7 @@ class RolloutController:
             Decision.model_validate_json(d).model_dump()
             for d in await self._redis().lrange(self._k_history(model), 0, 49)
         ]
+        analyzed = await self._redis().get(self._k_analyzed(model))
         now = time.time()
         start = state.window_start if state.status == "running" else now - 60
         figures = {
@@ -441,6 +446,9 @@ class RolloutController:
             "routing": table.model_dump(),
             "rollout": state.model_dump(),
             "window": {"since": start, "figures": figures},
+            # When the analysis last looked at this rollout, and which ingress replica
+            # (the leader) did: a running rollout whose analysis stopped shows here.
+            "analysis": json.loads(analyzed) if analyzed else None,
             "history": history,
         }
 
@@ -467,6 +475,11 @@ class RolloutController:
             if state.status != "running" or state.spec is None:
                 return
             now = time.time()
+            await self._redis().set(
+                self._k_analyzed(model),
+                json.dumps({"at": now, "leader": self._id[:12]}),
+                ex=STATS_TTL_S,
+            )
             if now - state.window_start < state.spec.interval_s:
                 return
             table = self._table(model)

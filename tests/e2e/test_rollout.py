@@ -167,6 +167,14 @@ def test_healthy_canary_walks_every_step_and_becomes_stable(gateway: GatewayUnde
         )
         assert status["routing"]["canary"] == "v2"
         assert status["routing"]["canary_weight"] == 20
+        started_at = status["rollout"]["window_start"]
+        # The status says when the analysis last looked (and who leads it).
+        seen = wait_for(
+            lambda: (a := admin(gateway)["analysis"]) and a["at"] >= started_at and a,
+            20,
+            "the analysis to run",
+        )
+        assert seen["leader"]
         started = len(traffic.snapshot())
         done = wait_status(gateway, "completed", 180)
         after_start = traffic.snapshot()[started:]
@@ -281,6 +289,7 @@ def test_pin_header_and_cli(gateway: GatewayUnderTest) -> None:
         timeout=60,
     )
     assert out.returncode == 0 and "v1 at 45.5%" in out.stdout, out.stdout + out.stderr
+    assert "analysis last ran" in out.stdout, out.stdout
     out = subprocess.run(
         [*cli, "start", MODEL, "--to", "v2", "--url", gateway.url],
         capture_output=True,
