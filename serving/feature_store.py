@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from serving import redis_conn
 from serving.features import TS_FIELD, FeatureConfig, redis_key
 from serving.metrics import metrics
 
@@ -67,8 +66,10 @@ class RedisFeatureStore:
                 timeout=None,  # the caller's deadline bounds the wait
                 socket_connect_timeout=self._timeout_s,
                 socket_timeout=self._timeout_s,
-                retry=Retry(NoBackoff(), 0),  # never retry on the request path
                 decode_responses=True,
+                # A dead pooled connection is replaced at once; nothing else is retried
+                # on the request path.
+                **redis_conn.reconnect_once(),
             )
             self._client = aioredis.Redis(connection_pool=pool)
         return self._client

@@ -24,6 +24,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from serving import redis_conn
 from serving.background import every
 from serving.errors import Conflict, FeatureStoreUnavailable, InvalidInput, NotFound
 from serving.metrics import metrics
@@ -49,9 +50,7 @@ class FeedbackStore:
 
     def _redis(self) -> aioredis.Redis:
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
-                self._url, socket_connect_timeout=1.0, socket_timeout=2.0, decode_responses=True
-            )
+            self._client = redis_conn.client(self._url)
         return self._client
 
     def _k_pred(self, request_id: str) -> str:
