@@ -70,9 +70,30 @@ class FastRoutes:
             if m := rx.match(scope["path"]):
                 request = Request(scope, receive)
                 response = await handler(request, m.groupdict())
-                await response(scope, receive, send)
+                write = scope.get(WRITE)
+                if write is None or response.background is not None:
+                    await response(scope, receive, send)
+                else:
+                    headers = _final_headers(scope, response)
+                    await write(response.status_code, headers, response.body)
                 return True
         return False
+
+
+def _final_headers(scope: Any, response: Response) -> list[tuple[bytes, bytes]]:
+    """The response's headers for a one-write answer: the request id echoed (as the
+    direct server's middleware does on its `send`) and Server-Timing's `encode` and
+    `total` extended to now, just before the bytes leave."""
+    headers = [(k, v) for k, v in response.raw_headers if k != b"server-timing"]
+    headers += [(k, v) for k, v in scope["headers"] if k == b"x-request-id"][:1]
+    stamped = scope.get(TIMINGS)
+    if stamped is not None:
+        timings, arrived = stamped
+        now = time.perf_counter()
+        timings["encode"] += now - arrived - timings["total"]
+        timings["total"] = now - arrived
+        headers.append((b"server-timing", server_timing(timings).encode()))
+    return headers
 
 
 Reconfigure = Callable[[str, str, BatchingOverride], Awaitable[None]]
@@ -110,6 +131,23 @@ def account_arrival(request: Request, t0: float, timings: dict[str, float]) -> f
     timings.clear()
     timings.update(timings_first)
     return arrived
+
+
+TIMINGS = "serving.timings"  # ASGI scope key: (stages, arrival) of the answer being sent
+# ASGI scope key, set by a server that can write a whole response in one go (the direct
+# server): `await scope[WRITE](status, headers, body)`. See FastRoutes.
+WRITE = "serving.write_response"
+
+
+def timing_header(request: Request, timings: dict[str, float], arrived: float, t_enc: float) -> str:
+    """Close the `encode` stage and `total` now, for the Server-Timing header. The stages
+    stay in the scope: a server that writes the response itself extends both to the
+    moment it writes (FastRoutes)."""
+    done = time.perf_counter()
+    timings["encode"] = done - t_enc
+    timings["total"] = done - arrived
+    request.scope[TIMINGS] = (timings, arrived)
+    return server_timing(timings)
 
 
 def _timeout_s(request: Request) -> float | None:
@@ -253,10 +291,7 @@ def build_http_app(
         t_enc = time.perf_counter()
         response = _answer(request, pred, rid)
         # Server-Timing was written before these two were known: patch them in.
-        done = time.perf_counter()
-        pred.timings["encode"] = done - t_enc
-        pred.timings["total"] = done - arrived
-        response.headers["server-timing"] = server_timing(pred.timings)
+        response.headers["server-timing"] = timing_header(request, pred.timings, arrived, t_enc)
         return response
 
     predict_doc: dict[str, Any] = {

@@ -30,7 +30,7 @@ from serving.http import (
     parse_json,
     read_body,
     request_id,
-    server_timing,
+    timing_header,
 )
 from serving.pipeline import Pipeline
 from serving.schemas import Arrays
@@ -274,11 +274,8 @@ def build_v2_router(
             answer["parameters"] = params
         answer["outputs"] = tensors
         js = orjson.dumps(answer, option=_ORJSON)
-        done = time.perf_counter()
-        pred.timings["encode"] = done - t_enc
-        pred.timings["total"] = done - arrived
         headers = {
-            "server-timing": server_timing(pred.timings),
+            "server-timing": timing_header(request, pred.timings, arrived, t_enc),
             "x-serving-batch-size": str(pred.batch_size),
         }
         if not blobs:

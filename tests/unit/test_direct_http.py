@@ -120,3 +120,80 @@ async def test_fast_routes_take_only_their_post_paths() -> None:
     assert not await take("POST", "/v1/models/fraud:predicted")
     assert not await take("POST", "/v1/feedback")
     assert len(seen) == 3 and sent[0]["status"] == 200
+
+
+class _FastApp:
+    """An ASGI app with a fast path, as serving.http.build_http_app makes one."""
+
+    def __init__(self) -> None:
+        from fastapi.responses import Response
+
+        from serving.http import FastRoutes, timing_header
+
+        async def answer(request: Any, params: dict[str, str]) -> Response:
+            body = await request.body()
+            t_enc = time.perf_counter()
+            timings = {"decode": 0.0}
+            response = Response(b'{"echo":"' + body + b'"}', media_type="application/json")
+            arrived = request.scope[ARRIVAL]
+            response.headers["server-timing"] = timing_header(request, timings, arrived, t_enc)
+            return response
+
+        self.state = type("State", (), {})()
+        self.state.fast_path = FastRoutes()
+        self.state.fast_path.add("/echo/{name}", answer)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 404, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = dict(line.lower().split(b": ", 1) for line in lines[1:] if b": " in line)
+    body = await reader.readexactly(int(headers[b"content-length"]))
+    return lines[0], headers, body
+
+
+async def test_fast_route_answers_in_one_write_on_a_kept_alive_connection() -> None:
+    server = DirectHttpServer(_FastApp(), "127.0.0.1", free_port())
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for i in range(3):  # keep-alive: the connection serves one request after another
+            sent = time.perf_counter()
+            body = b"x%d" % i
+            writer.write(
+                b"POST /echo/a HTTP/1.1\r\nhost: t\r\nx-request-id: r%d\r\n"
+                b"content-length: %d\r\n\r\n" % (i, len(body)) + body
+            )
+            status, headers, got = await read_answer(reader)
+            took_ms = (time.perf_counter() - sent) * 1000
+            assert status == b"HTTP/1.1 200 OK" and got == b'{"echo":"x%d"}' % i
+            assert headers[b"x-request-id"] == b"r%d" % i
+            assert headers[b"content-type"] == b"application/json" and b"date" in headers
+            stages = dict(
+                part.strip().split(b";dur=") for part in headers[b"server-timing"].split(b",")
+            )
+            # `total` runs from the first read to just before the write: within the
+            # client's own measurement, and it includes every stage.
+            total = float(stages.pop(b"total"))
+            assert sum(float(v) for v in stages.values()) <= total + 1e-3 < took_ms
+        # A request asking to close gets its answer, then the connection closes.
+        writer.write(
+            b"POST /echo/b HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-length: 1\r\n\r\nz"
+        )
+        status, headers, got = await read_answer(reader)
+        assert got == b'{"echo":"z"}' and headers[b"connection"] == b"close"
+        assert await reader.read() == b""
+        writer.close()
+        # Other requests still go to the app.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /echo/a HTTP/1.1\r\nhost: t\r\n\r\n")
+        status, _, _ = await read_answer(reader)
+        assert status == b"HTTP/1.1 404 Not Found"
+        writer.close()
+    finally:
+        await server.stop()
