@@ -429,7 +429,14 @@ class RolloutController:
     async def status(self, model: str) -> dict[str, Any]:
         await self.ensure_started()
         table = self._table(model)
-        state = await self._state(model)
+        # Table and state from one read: a decision writes both in one transaction, so
+        # they agree (this replica's copy of the table may lag a decision by a moment).
+        doc, raw_state = await self._redis().mget([self._k_table(model), self._k_state(model)])
+        if doc:
+            table = RoutingTable.model_validate_json(doc)
+        state = (
+            RolloutState.model_validate_json(raw_state) if raw_state else RolloutState(model=model)
+        )
         history = [
             Decision.model_validate_json(d).model_dump()
             for d in await self._redis().lrange(self._k_history(model), 0, 49)
