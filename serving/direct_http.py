@@ -89,8 +89,33 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:  # a cycle for this request
+        if cycle is not None and cycle.scope is self.scope and _cycle_is_known(cycle):
             self.scope[WRITE] = functools.partial(_write_whole, cycle)  # type: ignore[literal-required]
+
+
+# The uvicorn cycle state _write_whole reads and sets. A uvicorn whose cycle lacks any
+# of it (checked once) keeps answering through ASGI `send`, as any app's answers do.
+_CYCLE_FIELDS = (
+    "flow",
+    "transport",
+    "default_headers",
+    "keep_alive",
+    "disconnected",
+    "response_started",
+    "response_complete",
+    "message_event",
+    "on_response",
+)
+_cycle_known: bool | None = None
+
+
+def _cycle_is_known(cycle: RequestResponseCycle) -> bool:
+    global _cycle_known
+    if _cycle_known is None:
+        _cycle_known = all(hasattr(cycle, f) for f in _CYCLE_FIELDS)
+        if not _cycle_known:
+            log.warning("unexpected uvicorn request cycle; answers go through ASGI send")
+    return _cycle_known
 
 
 async def _write_whole(
