@@ -53,17 +53,25 @@ class RequestIdMiddleware:
         # Server-Timing's `http` stage starts when the request's first bytes were read
         # (ArrivalStampingProtocol); here only for a server that does not stamp.
         scope.setdefault(ARRIVAL, time.perf_counter())
-        headers = list(scope.get("headers", []))
+        headers = scope.get("headers", [])
         rid = next((v for k, v in headers if k == b"x-request-id"), None)
         if rid is None:
             rid = uuid.uuid4().hex.encode()
             scope = {**scope, "headers": [*headers, (b"x-request-id", rid)]}
+        echo = (b"x-request-id", rid)
 
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
-                extra = [(b"x-request-id", rid)]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                message = {**message, "headers": [*message.get("headers", []), echo]}
             await send(message)
+
+        write = scope.get(WRITE)
+        if write is not None:  # the one-write answers echo it too
+
+            async def write_with_id(status: int, headers: list[Any], body: bytes) -> None:
+                await write(status, [*headers, echo], body)
+
+            scope[WRITE] = write_with_id
 
         if self.fast_path is not None and await self.fast_path(scope, receive, send_with_id):
             return

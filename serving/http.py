@@ -81,11 +81,9 @@ class FastRoutes:
 
 
 def _final_headers(scope: Any, response: Response) -> list[tuple[bytes, bytes]]:
-    """The response's headers for a one-write answer: the request id echoed (as the
-    direct server's middleware does on its `send`) and Server-Timing's `encode` and
+    """The response's headers for a one-write answer, Server-Timing's `encode` and
     `total` extended to now, just before the bytes leave."""
     headers = [(k, v) for k, v in response.raw_headers if k != b"server-timing"]
-    headers += [(k, v) for k, v in scope["headers"] if k == b"x-request-id"][:1]
     stamped = scope.get(TIMINGS)
     if stamped is not None:
         timings, arrived = stamped
@@ -251,6 +249,7 @@ def build_http_app(
         )
 
     def _answer(request: Request, pred: Prediction, rid: str) -> Response:
+        """The answer without Server-Timing: `_predict` adds it once `encode` is known."""
         body: dict[str, Any] = {
             "predictions": encode_predictions(pred.manifest.outputs, pred.outputs),
             "model": pred.model,
@@ -263,10 +262,7 @@ def build_http_app(
             body["degraded_reasons"] = pred.degraded
         return _json(
             body,
-            headers={
-                "server-timing": server_timing(pred.timings),
-                "x-serving-batch-size": str(pred.batch_size),
-            },
+            headers={"x-serving-batch-size": str(pred.batch_size)},
         )
 
     async def _predict(request: Request, name: str, version: str | None) -> Response:
@@ -290,7 +286,6 @@ def build_http_app(
         arrived = account_arrival(request, t0, pred.timings)
         t_enc = time.perf_counter()
         response = _answer(request, pred, rid)
-        # Server-Timing was written before these two were known: patch them in.
         response.headers["server-timing"] = timing_header(request, pred.timings, arrived, t_enc)
         return response
 

@@ -193,8 +193,7 @@ class RolloutController:
 
     # ---- state -----------------------------------------------------------------------
     async def _state(self, model: str) -> RolloutState:
-        doc = await self._redis().get(self._k_state(model))
-        return RolloutState.model_validate_json(doc) if doc else RolloutState(model=model)
+        return _parse_state(model, await self._redis().get(self._k_state(model)))
 
     async def _save(
         self, table: RoutingTable, state: RolloutState, decision: Decision | None
@@ -431,17 +430,16 @@ class RolloutController:
         table = self._table(model)
         # Table and state from one read: a decision writes both in one transaction, so
         # they agree (this replica's copy of the table may lag a decision by a moment).
-        doc, raw_state = await self._redis().mget([self._k_table(model), self._k_state(model)])
+        doc, raw_state, analyzed = await self._redis().mget(
+            [self._k_table(model), self._k_state(model), self._k_analyzed(model)]
+        )
         if doc:
             table = RoutingTable.model_validate_json(doc)
-        state = (
-            RolloutState.model_validate_json(raw_state) if raw_state else RolloutState(model=model)
-        )
+        state = _parse_state(model, raw_state)
         history = [
             Decision.model_validate_json(d).model_dump()
             for d in await self._redis().lrange(self._k_history(model), 0, 49)
         ]
-        analyzed = await self._redis().get(self._k_analyzed(model))
         now = time.time()
         start = state.window_start if state.status == "running" else now - 60
         figures = {
@@ -518,6 +516,10 @@ class RolloutController:
                         state,
                         self._decision("hold", "auto", reason, table.canary_weight, figures),
                     )
+
+
+def _parse_state(model: str, doc: str | bytes | None) -> RolloutState:
+    return RolloutState.model_validate_json(doc) if doc else RolloutState(model=model)
 
 
 def _set_state_gauge(model: str, current: str) -> None:
