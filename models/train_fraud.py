@@ -129,8 +129,7 @@ def build(root: Path, seed: int = 7) -> None:
         _, train_proba = _onnx_predict(onx, x_train)
         drift = DriftReference(
             features={
-                c: RefHistogram.from_values(x_train[:, j])
-                for j, c in enumerate(fraud_data.COLUMNS)
+                c: RefHistogram.from_values(x_train[:, j]) for j, c in enumerate(fraud_data.COLUMNS)
             },
             prediction=PredictionRef(
                 output="probabilities",

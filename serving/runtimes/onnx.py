@@ -14,6 +14,18 @@ from serving.runtimes import Arrays, RuntimeOptions, wants_gpu
 log = logging.getLogger(__name__)
 
 
+def _preload_cuda_libraries() -> None:
+    """CUDA/cuDNN from pip's nvidia-* packages: onnxruntime-gpu does not find them on its
+    own unless torch loaded them first (onnxruntime >= 1.21; a no-op when they are on the
+    loader's path anyway). A failure here surfaces as the provider's own load error."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # the session reports the real failure
+            log.warning("onnxruntime.preload_dlls failed: %s", exc)
+
+
 class OnnxRuntime:
     def __init__(self, mv: ModelVersion, opts: RuntimeOptions) -> None:
         so = ort.SessionOptions()
@@ -28,6 +40,7 @@ class OnnxRuntime:
         if wants_gpu(mv, opts):
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
+                _preload_cuda_libraries()
             elif opts.device == "cuda":
                 raise ConfigError(
                     f"{mv.path}: device=cuda but onnxruntime has no CUDA provider "
