@@ -71,31 +71,31 @@ class GrpcClient:
         return cls(channel, requests, b"degraded" if scenario.flag else None)
 
     async def call(self, i: int) -> Reply:
-        done: asyncio.Future[Any] = self._loop.create_future()
+        done: asyncio.Future[tuple[Any, float]] = self._loop.create_future()
 
-        def finished(call: Any) -> None:  # on a gRPC thread
-            self._loop.call_soon_threadsafe(_settle, done, call)
+        def finished(call: Any) -> None:  # on a gRPC thread, as the answer completes
+            self._loop.call_soon_threadsafe(_settle, done, (call, now()))
 
         sent = now()
         self._infer.future(self._requests[i % len(self._requests)], timeout=10.0).add_done_callback(
             finished
         )
-        call = await done
+        call, answered = await done
         try:
             answer: bytes = call.result()
         except grpc.RpcError as exc:
-            return Reply(False, exc.code().value[0], sent)
+            return Reply(False, exc.code().value[0], sent, answered)
         timing = None
         for key, value in call.trailing_metadata() or ():
             if key == "server-timing":
                 timing = value.encode() if isinstance(value, str) else value
         flagged = self._flag is not None and self._flag in answer
-        return Reply(True, 0, sent, timing, flagged)
+        return Reply(True, 0, sent, answered, timing, flagged)
 
     async def aclose(self) -> None:
         self._channel.close()
 
 
-def _settle(fut: asyncio.Future[Any], call: Any) -> None:
+def _settle(fut: asyncio.Future[tuple[Any, float]], answer: tuple[Any, float]) -> None:
     if not fut.done():  # the caller may have been cancelled meanwhile
-        fut.set_result(call)
+        fut.set_result(answer)

@@ -6,6 +6,10 @@ and its latency is counted from that scheduled time. A stall (in the server, or 
 process, or while waiting for a free connection) therefore shows in the latency of every
 request that was due during it: coordinated omission is accounted for.
 
+Every latency ends when the answer's last byte has been read, stamped in the connection's
+read callback: the time until the awaiting coroutine runs again is the generator's own,
+not the server's.
+
 Closed loop: N clients, each sending its next request when the previous one answered;
 throughput is what the system gives, latency is counted from the actual send.
 
@@ -39,6 +43,7 @@ class Reply:
     ok: bool  # a 2xx answer (or the transport's success)
     status: int  # HTTP status (gRPC: 0 for OK, else the status code's value)
     sent: float  # now() when the request was handed to the socket
+    done: float  # now() when the answer's last byte was read (before any task resumes)
     timing: bytes | None = None  # raw Server-Timing value, when the client keeps it
     flagged: bool = False  # the answer carried the scenario's flag (e.g. "degraded")
 
@@ -151,7 +156,7 @@ class _Conn(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if fut is not None and not fut.done():
-            fut.set_result(Reply(200 <= status < 300, status, self._sent, keep, flagged))
+            fut.set_result(Reply(200 <= status < 300, status, self._sent, now(), keep, flagged))
 
 
 def _chunked_end(buf: bytearray, pos: int) -> int:
@@ -457,7 +462,7 @@ async def open_loop(
             reply = await client.call(i)
         except Exception:
             reply = None
-        done = now()
+        done = reply.done if reply is not None else now()
         last_done = max(last_done, done)
         latency = INF
         if reply is not None:
@@ -525,7 +530,7 @@ async def closed_loop(
                 sent = reply.sent
             except Exception:
                 reply = None
-            done = now()
+            done = reply.done if reply is not None else now()
             calls += 1
             i += concurrency
             if sent >= t_measure:
@@ -565,9 +570,8 @@ async def serial(
             reply: Reply | None = await client.call(i)
         except Exception:
             reply = None
-        done = now()
         if i >= warmup:
-            latency = done - reply.sent if reply is not None and reply.ok else INF
+            latency = reply.done - reply.sent if reply is not None and reply.ok else INF
             lat.append(latency)
             rec.add(reply, latency)
     result = RunResult(

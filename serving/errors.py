@@ -18,6 +18,10 @@ class ServingError(Exception):
     http_status: int = 500
     grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     code: str = "internal"
+    retry_after_s: int | None = None  # HTTP answers carry `Retry-After` when set
+
+    def http_headers(self) -> dict[str, str] | None:
+        return None if self.retry_after_s is None else {"retry-after": str(self.retry_after_s)}
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -91,6 +95,7 @@ class Overloaded(ServingError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
     code = "overloaded"
+    retry_after_s = 1
 
 
 class FeatureStoreUnavailable(ServingError):

@@ -220,7 +220,7 @@ def build_http_app(
 
     @app.exception_handler(ServingError)
     async def _serving_error(request: Request, exc: ServingError) -> Response:
-        return _json(exc.to_dict(), exc.http_status)
+        return _json(exc.to_dict(), exc.http_status, exc.http_headers())
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

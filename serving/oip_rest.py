@@ -54,8 +54,14 @@ def _body(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
-def _error(request: Request, status: int, message: str, code: str) -> Response:
-    headers = {ERROR_CODE_HEADER: code}
+def _error(
+    request: Request,
+    status: int,
+    message: str,
+    code: str,
+    extra: dict[str, str] | None = None,
+) -> Response:
+    headers = {ERROR_CODE_HEADER: code, **(extra or {})}
     return _body({"error": message}, status, headers)
 
 
@@ -64,7 +70,7 @@ async def _answer_errors(request: Request, handler: Callable[[], Awaitable[Respo
     try:
         return await handler()
     except ServingError as exc:
-        return _error(request, exc.http_status, exc.message, exc.code)
+        return _error(request, exc.http_status, exc.message, exc.code, exc.http_headers())
     except RequestValidationError as exc:
         return _error(request, 400, f"invalid request: {exc.errors()!r:.300}", "malformed_request")
     except Exception:

@@ -127,6 +127,10 @@ class Pipeline:
         self._local = dict(local or {})
         self._drift: dict[tuple[str, str], DriftMonitor | None] = {}
         self._inflight: dict[str, int] = {}
+        # Inference requests in flight in this ingress replica, all models and transports
+        # (HTTP either mode, gRPC); past the limit they are shed with `Overloaded`.
+        self._ongoing = 0
+        self._max_ongoing = dep.ingress.max_ongoing_requests
         self._monitor: asyncio.Task[None] | None = None
         self._shadow_slots: asyncio.Semaphore | None = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()  # strong refs until done
@@ -288,6 +292,25 @@ class Pipeline:
     ) -> Prediction:
         t0 = time.perf_counter()
         await self.ensure_started()
+        if self._ongoing >= self._max_ongoing:
+            # Load shedding: past the ingress's limit a request is answered at once
+            # instead of queueing in this event loop. Not a version's fault, so it stays
+            # out of rollout statistics.
+            metrics().requests.inc(
+                1,
+                tags={
+                    "model": model,
+                    "version": version or "",
+                    "arm": "none",
+                    "protocol": protocol,
+                    "code": Overloaded.code,
+                },
+            )
+            raise Overloaded(
+                f"gateway replica at its limit of {self._max_ongoing} requests in flight "
+                "(ingress.max_ongoing_requests); retry later"
+            )
+        self._ongoing += 1
         self._inflight[model] = self._inflight.get(model, 0) + 1
         deadline = min(
             timeout_s or self._settings.request_timeout_s, self._settings.request_timeout_s
@@ -323,6 +346,7 @@ class Pipeline:
             code = exc.code
             raise
         finally:
+            self._ongoing -= 1
             self._inflight[model] -= 1
             metrics().requests.inc(
                 1,
