@@ -168,6 +168,7 @@ def _runtime_options(s: Settings) -> dict[str, Any]:
         "device": s.device,
         "onnx_intra_op_threads": s.onnx_intra_op_threads,
         "torch_threads": s.torch_threads,
+        "inline_infer_max_s": s.inline_infer_max_ms / 1000,
     }
 
 

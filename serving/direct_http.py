@@ -17,7 +17,6 @@ import functools
 import logging
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -28,7 +27,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from serving.http import ARRIVAL, WRITE
+from serving.http import ARRIVAL, WRITE, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class RequestIdMiddleware:
         headers = scope.get("headers", [])
         rid = next((v for k, v in headers if k == b"x-request-id"), None)
         if rid is None:
-            rid = uuid.uuid4().hex.encode()
+            rid = new_request_id().encode()
             scope = {**scope, "headers": [*headers, (b"x-request-id", rid)]}
         echo = (b"x-request-id", rid)
 

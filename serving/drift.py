@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EPS = 1e-4
+FOLD_ROWS = 256  # requests are binned in bulk once this many rows are pending
 
 
 class RefHistogram(BaseModel):
@@ -101,8 +102,32 @@ class DriftMonitor:
         self._bins = np.full((window, max(n, 1)), -1, dtype=np.int16)
         self._next = 0
         self._seen = 0
+        # Requests observed but not binned yet: binning many rows at once costs about
+        # what one request's rows cost, so the request path only appends.
+        self._pending: list[tuple[np.ndarray | None, dict[str, np.ndarray]]] = []
+        self._pending_rows = 0
 
     def observe(self, vectors: np.ndarray | None, outputs: dict[str, np.ndarray]) -> None:
+        """Note one request's input vectors and outputs (binned later, in bulk)."""
+        self._pending.append((vectors, outputs))
+        self._pending_rows += len(next(iter(outputs.values())))
+        if self._pending_rows >= FOLD_ROWS:
+            self._fold()
+
+    def _fold(self) -> None:
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if not pending:
+            return
+        if len(pending) > 1 and all(v is not None for v, _ in pending):
+            keys = pending[0][1].keys()
+            vectors = np.concatenate([v for v, _ in pending if v is not None])
+            outputs = {k: np.concatenate([o[k] for _, o in pending]) for k in keys}
+            self._bin(vectors, outputs)
+        else:
+            for v, o in pending:
+                self._bin(v, o)
+
+    def _bin(self, vectors: np.ndarray | None, outputs: dict[str, np.ndarray]) -> None:
         rows = len(next(iter(outputs.values())))
         if rows > self.window:
             vectors = None if vectors is None else vectors[-self.window :]
@@ -123,6 +148,7 @@ class DriftMonitor:
 
     def psi(self) -> tuple[dict[str, float], float | None]:
         """PSI per feature and for the predictions over the rows in the window."""
+        self._fold()
         filled = self._bins[: min(self._seen, self.window)]
         out: dict[str, float] = {}
         for j, (name, _, hist) in enumerate(self.features):

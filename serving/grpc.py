@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,7 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving import oip
 from serving.errors import ServingError
-from serving.http import server_timing
+from serving.http import new_request_id, server_timing
 from serving.pipeline import Pipeline
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -41,7 +40,7 @@ def _request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and value:
             return value[:128]
-    return fallback[:128] or uuid.uuid4().hex
+    return fallback[:128] or new_request_id()
 
 
 def _parameters(params: Any) -> dict[str, Any]:

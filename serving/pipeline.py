@@ -340,7 +340,12 @@ class Pipeline:
                 arrays, degraded = await self._with_features(model, v, manifest, raw)
                 t_features = time.perf_counter() - tf
             t_decoded = time.perf_counter()
-            result = await self._call(model, v, "predict", deadline - (t_decoded - t0), arrays)
+            # `alone`: no other request for this model is in flight here, so a fast
+            # version may answer it inline (serving.replica.ModelWorker.predict).
+            alone = self._inflight[model] == 1
+            result = await self._call(
+                model, v, "predict", deadline - (t_decoded - t0), arrays, alone
+            )
             t_end = time.perf_counter()
         except ServingError as exc:
             code = exc.code

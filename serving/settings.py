@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     onnx_intra_op_threads: int = 1
     torch_threads: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # A version whose batch of one runs faster than this (measured at start-up) answers a
+    # request that finds it idle on the event loop itself: handing the work to the
+    # inference thread and back costs ~0.1 ms, more than such a model takes. 0: never.
+    inline_infer_max_ms: float = Field(default=0.2, ge=0)
 
     # Prefix of every key the gateway keeps in Redis: features ("<ns>:fv:<view>:<id>"),
     # routing and rollout state, statistics, prediction records. SERVING_FEATURE_NAMESPACE,

@@ -36,7 +36,7 @@ class GatedWorker:
         self.gate = asyncio.Event()
         self.waiting = 0
 
-    async def predict(self, inputs: Any) -> ReplicaResult:
+    async def predict(self, inputs: Any, alone: bool = False) -> ReplicaResult:
         self.waiting += 1
         await self.gate.wait()
         t = time.perf_counter()
