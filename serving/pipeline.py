@@ -522,7 +522,8 @@ class Pipeline:
         except Exception as exc:  # the version's application is not deployed (yet)
             raise NotReady(f"{model}/{version} is not available: {exc}") from None
         try:
-            return await asyncio.wait_for(_wait(response), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await _wait(response)
         except TimeoutError:
             response.cancel()
             raise DeadlineExceeded(
@@ -544,7 +545,9 @@ class Pipeline:
         self, worker: Any, model: str, version: str, method: str, timeout_s: float, *args: Any
     ) -> Any:
         try:
-            return await asyncio.wait_for(getattr(worker, method)(*args), timeout_s)
+            # asyncio.timeout, not wait_for: the call runs in this task, no new one.
+            async with asyncio.timeout(timeout_s):
+                return await getattr(worker, method)(*args)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{model}/{version} did not answer within {timeout_s * 1000:.0f} ms"
