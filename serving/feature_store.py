@@ -1,10 +1,10 @@
 """Feature lookups in the request path: one pipelined Redis round trip per request.
 
-Every unique (view, entity) of a request is fetched with HMGET in one non-transactional
-pipeline over a pooled async connection, under the request's feature deadline. Nothing
-retries: a slow or absent Redis yields `timeout` / `error` outcomes at once, and the
-model's policy decides (defaults with `degraded`, or a 503/422). The pool reconnects by
-itself once Redis is back.
+Every unique (view, entity) of a request is fetched with HMGET in one pipelined round
+trip under the request's feature deadline: over the ingress's one multiplexed connection
+(serving.resp) for redis:// URLs, else over redis-py's pool. Nothing retries: a slow or
+absent Redis yields `timeout` / `error` outcomes at once, and the model's policy decides
+(defaults with `degraded`, or a 503/422). Either reconnects by itself once Redis is back.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from serving import redis_conn
 from serving.features import TS_FIELD, FeatureConfig, redis_key
 from serving.metrics import metrics
+from serving.resp import MultiplexedRedis
 
 Outcome = Literal["hit", "miss", "stale", "timeout", "error"]
 Stored = dict[str, list[dict[str, float] | None]]
@@ -53,6 +54,9 @@ class RedisFeatureStore:
         self._cache_ttl_s = cache_ttl_s
         self._max_connections = max_connections
         self._client: aioredis.Redis | None = None  # made lazily inside the running loop
+        # redis:// (the usual case): one multiplexed connection (serving.resp); other
+        # URLs (TLS, unix sockets) go through redis-py's pool.
+        self._mux = MultiplexedRedis(url) if MultiplexedRedis.supports(url) else None
         self._cache: dict[str, tuple[float, dict[str, float]]] = {}
 
     def _redis(self) -> aioredis.Redis:
@@ -75,6 +79,8 @@ class RedisFeatureStore:
         return self._client
 
     async def close(self) -> None:
+        if self._mux is not None:
+            await self._mux.aclose()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -132,12 +138,19 @@ class RedisFeatureStore:
     ) -> None:
         t0 = time.perf_counter()
         try:
-            pipe = self._redis().pipeline(transaction=False)
-            for key in keys:
-                pipe.hmget(key, [*wanted[key][2], TS_FIELD])
             # asyncio.timeout, not wait_for: no extra task per lookup (Python 3.11).
             async with asyncio.timeout(timeout_s or self._timeout_s):
-                replies = await pipe.execute()
+                if self._mux is not None:
+                    commands = [("HMGET", key, *wanted[key][2], TS_FIELD) for key in keys]
+                    replies = await self._mux.execute(commands)
+                    failed = next((r for r in replies if isinstance(r, Exception)), None)
+                    if failed is not None:
+                        raise failed
+                else:
+                    pipe = self._redis().pipeline(transaction=False)
+                    for key in keys:
+                        pipe.hmget(key, [*wanted[key][2], TS_FIELD])
+                    replies = await pipe.execute()
         except (TimeoutError, RedisTimeoutError):
             for key in keys:
                 found[key], outcome[key] = None, "timeout"

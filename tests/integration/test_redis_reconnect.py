@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -11,15 +10,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from serving import redis_conn
 from serving.feature_store import RedisFeatureStore
 from tests.conftest import RedisServer
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """Its own server: restarting the session's would disturb other tests' state."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_pooled_connections_survive_a_restart(own_redis: RedisServer) -> None:
