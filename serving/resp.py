@@ -57,7 +57,9 @@ class _Waiter:
 
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
-        self._reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
+        # Undecodable bytes become U+FFFD: a corrupt value fails its own parse, not the
+        # connection.
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace", replyError=ResponseError)
         self._waiting: deque[_Waiter] = deque()
         self._transport: asyncio.Transport | None = None
         self.lost = False

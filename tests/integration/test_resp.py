@@ -47,6 +47,8 @@ async def test_an_error_reply_stays_in_its_place(own_redis: RedisServer) -> None
         assert isinstance(got[0], ResponseError) and "WRONGTYPE" in str(got[0])
         assert got[1] == "PONG"
         assert await mux.execute([("ECHO", "next")]) == ["next"]  # still in step
+        own_redis.client().hset("bin", "a", b"\xff\xfe")
+        assert await mux.execute([("HMGET", "bin", "a")]) == [["\ufffd\ufffd"]]
     finally:
         await mux.aclose()
 
