@@ -182,15 +182,19 @@ class ModelWorker:
         idle = self._inflight == 0
         self._inflight += 1
         try:
-            if len(pieces) == 1 and idle:
-                # Nothing runs or forms: no one to wait for, so the request runs as a
-                # batch of one at once, without the batch queue's hand-offs (~0.1 ms).
+            if idle:
+                # Nothing runs or forms: no one to wait for, so the request runs at once,
+                # a batch per piece, without the batch queue's hand-offs (~0.1 ms).
                 # Requests arriving meanwhile queue and batch as configured; the one
-                # inference thread keeps batches in order. A lone request to a fast
-                # model runs on the event loop itself (another ~0.1 ms saved); with
+                # inference thread keeps batches in order. A lone one-row request to a
+                # fast model runs on the event loop itself (another ~0.1 ms saved); with
                 # others on their way it takes the thread, so that they can batch
                 # while it runs.
-                done = await self._batch([_Item(pieces[0], t0)], inline=self._inline and alone)
+                done = []
+                for piece in pieces:
+                    item = _Item(piece, t0)
+                    inline = self._inline and alone and _instances([item]) == 1
+                    done += await self._batch([item], inline=inline)
             elif len(pieces) == 1:
                 done = [await self._run_batch(_Item(pieces[0], t0))]
             else:

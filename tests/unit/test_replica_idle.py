@@ -41,3 +41,20 @@ async def test_an_idle_worker_answers_like_the_runtime(registry_root: Path) -> N
         for k, v in expected.items():
             np.testing.assert_array_equal(result.outputs[k], v)
         assert (await w.batching())["inline_when_idle"] is w._inline
+
+
+async def test_an_idle_worker_runs_a_large_request_piece_by_piece_at_once(
+    registry_root: Path,
+) -> None:
+    mv = Registry(registry_root).get("fraud", "v2")
+    name = mv.manifest.inputs[0].name
+    rows = 2 * mv.manifest.batching.max_batch_size + 5  # three pieces
+    x = np.load(registry_root / "fraud" / "heldout.npz")["X"][:rows].astype(np.float32)
+    expected = load_runtime(mv, RuntimeOptions(device="cpu")).predict({name: x})
+    w = worker(registry_root, 0.005)
+    w.reconfigure({"batch_wait_timeout_s": 0.05})  # a queued piece would wait 50 ms
+    result = await w.predict({name: x}, True)
+    assert result.batch_size == mv.manifest.batching.max_batch_size
+    assert result.queue_s < 0.02  # the last, partial piece waited for no company
+    for k, v in expected.items():
+        np.testing.assert_array_equal(result.outputs[k], v)
