@@ -155,25 +155,32 @@ class MultiplexedRedis:
         # request giving up does not cancel it for the others.
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._open())
-            # Its failure is each waiter's to see; if none is left, it is still read.
-            self._opening.add_done_callback(lambda f: f.cancelled() or f.exception())
-        opening = self._opening
-        try:
-            return await asyncio.shield(opening)
-        finally:
-            if opening.done() and self._opening is opening:
-                self._opening = None
+            self._opening.add_done_callback(self._opened)
+        return await asyncio.shield(self._opening)
+
+    def _opened(self, attempt: asyncio.Future[_Connection]) -> None:
+        # Finished, whether or not anyone still waits for it: the next request that
+        # finds no connection starts a new attempt (never re-reads a stale failure).
+        if self._opening is attempt:
+            self._opening = None
+        if not attempt.cancelled():
+            attempt.exception()  # read here too, for when every waiter gave up
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._connect_timeout_s):
-            _, conn = await loop.create_connection(_Connection, self._host, self._port)
-            if self._setup:
-                replies = await conn.send(pack(self._setup), len(self._setup))
-                failed = next((r for r in replies if isinstance(r, Exception)), None)
-                if failed is not None:
-                    conn.close()
-                    raise failed
+        conn: _Connection | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, conn = await loop.create_connection(_Connection, self._host, self._port)
+                if self._setup:
+                    replies = await conn.send(pack(self._setup), len(self._setup))
+                    failed = next((r for r in replies if isinstance(r, Exception)), None)
+                    if failed is not None:
+                        raise failed
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
         self._conn = conn
         return conn
 

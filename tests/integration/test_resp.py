@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import cast
 
+import hiredis
 import pytest
 import redis
 from redis.exceptions import ResponseError
@@ -138,3 +140,35 @@ async def test_feature_lookups_recover_after_a_restart(
         assert problems == []
     finally:
         await store.close()
+
+
+async def test_a_connect_attempt_everyone_gave_up_on_is_not_reused() -> None:
+    """An attempt that fails after every waiting request left (here: a server that
+    accepts but never answers AUTH) must not be handed to later requests."""
+    answering = False
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = cast(asyncio.Transport, transport)
+            self.reader = hiredis.Reader()
+
+        def data_received(self, data: bytes) -> None:
+            self.reader.feed(data)
+            while (cmd := self.reader.gets()) is not False:
+                if answering:
+                    self.t.write(b"+OK\r\n" if cmd[0] == b"AUTH" else b"+PONG\r\n")
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mux = MultiplexedRedis(f"redis://:pw@127.0.0.1:{port}/0", connect_timeout_s=0.2)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await mux.execute([("PING",)])
+        await asyncio.sleep(0.4)  # the attempt times out, with nobody waiting
+        answering = True
+        assert await mux.execute([("PING",)]) == ["PONG"]
+    finally:
+        await mux.aclose()
+        server.close()
