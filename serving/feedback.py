@@ -72,7 +72,7 @@ class FeedbackStore:
             classes, counts = np.unique(labels, return_counts=True)
             counted = zip(classes.tolist(), counts.tolist())
         for cls, count in counted:
-            metrics().predictions_soon.inc(
+            metrics().predictions.inc(
                 count, tags={"model": model, "version": version, "label": str(cls)}
             )
         if len(self._pending) >= MAX_PENDING:

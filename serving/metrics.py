@@ -8,9 +8,6 @@ Label sets are bounded: model, version, protocol, code, stage. Never a request i
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Callable
 from functools import cache
 
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -20,58 +17,6 @@ LATENCY_BUCKETS_S = [
     0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 ]  # fmt: skip
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-
-
-Record = Callable[..., None]
-
-
-class _Pending(threading.local):
-    """Records queued by one thread's event loop, written by one callback that the loop
-    runs once the current step is over: after the answer that caused them has left."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[Record, float, dict[str, str] | None]] = []
-        self.scheduled = False
-
-    def add(self, record: Record, value: float, tags: dict[str, str] | None) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop in this thread: record at once
-            record(value, tags=tags)
-            return
-        self.items.append((record, value, tags))
-        if not self.scheduled:
-            self.scheduled = True
-            loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        items, self.items, self.scheduled = self.items, [], False
-        for record, value, tags in items:
-            record(value, tags=tags)
-
-
-_pending = _Pending()
-
-
-class Soon:
-    """A Counter or Histogram of the request path whose records are written right after
-    the current event-loop step (see _Pending) instead of inside it: a Ray metric record
-    costs microseconds, a request makes about a dozen, and none of them needs to be
-    written before the answer leaves."""
-
-    def __init__(self, metric: Counter | Histogram) -> None:
-        self.metric = metric
-
-    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
-        _pending.add(self.metric.inc, value, tags)
-
-    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
-        _pending.add(self.metric.observe, value, tags)
-
-
-def flush_pending() -> None:
-    """Write this thread's queued records now (tests, shutdown)."""
-    _pending.flush()
 
 
 class Metrics:
@@ -180,14 +125,6 @@ class Metrics:
             boundaries=BATCH_BUCKETS,
             tag_keys=("model", "version"),
         )
-        # The request path's records, written after each answer has left (Soon).
-        self.requests_soon = Soon(self.requests)
-        self.latency_soon = Soon(self.latency)
-        self.stage_soon = Soon(self.stage)
-        self.feature_lookups_soon = Soon(self.feature_lookups)
-        self.feature_latency_soon = Soon(self.feature_latency)
-        self.predictions_soon = Soon(self.predictions)
-        self.batch_size_soon = Soon(self.batch_size)
 
 
 @cache

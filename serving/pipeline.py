@@ -296,7 +296,7 @@ class Pipeline:
             # Load shedding: past the ingress's limit a request is answered at once
             # instead of queueing in this event loop. Not a version's fault, so it stays
             # out of rollout statistics.
-            metrics().requests_soon.inc(
+            metrics().requests.inc(
                 1,
                 tags={
                     "model": model,
@@ -353,7 +353,7 @@ class Pipeline:
         finally:
             self._ongoing -= 1
             self._inflight[model] -= 1
-            metrics().requests_soon.inc(
+            metrics().requests.inc(
                 1,
                 tags={
                     "model": model,
@@ -378,10 +378,10 @@ class Pipeline:
         }
         m = metrics()
         tags = {"model": model, "version": v}
-        m.latency_soon.observe(timings["total"], tags={**tags, "protocol": protocol})
+        m.latency.observe(timings["total"], tags={**tags, "protocol": protocol})
         for stage, secs in timings.items():
             if stage != "total":
-                m.stage_soon.observe(secs, tags={**tags, "stage": stage})
+                m.stage.observe(secs, tags={**tags, "stage": stage})
         if degraded:
             m.degraded.inc(1, tags={**tags, "reason": degraded[0].split(":")[1]})
         if request_id and self.feedback is not None and "label" in result.outputs:

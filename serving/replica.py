@@ -234,7 +234,7 @@ class ModelWorker:
                 out[i] = _Done(part, queue_s, infer_s, total)
                 self._recent.append((done_at, queue_s + infer_s))
         m = metrics()
-        m.batch_size_soon.observe(total, tags=self._tags)
+        m.batch_size.observe(total, tags=self._tags)
         return [d for d in out if d is not None]
 
 
