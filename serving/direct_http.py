@@ -74,6 +74,7 @@ class RequestIdMiddleware:
 
         if self.fast_path is not None and await self.fast_path(scope, receive, send_with_id):
             return
+        scope.pop(WRITE, None)  # the app answers through ASGI send (and formats its headers)
         await self.app(scope, receive, send_with_id)
 
 

@@ -72,11 +72,15 @@ class FastRoutes:
                 request = Request(scope, receive)
                 response = await handler(request, m.groupdict())
                 write = scope.get(WRITE)
-                if write is None or response.background is not None:
+                if write is None:
                     await response(scope, receive, send)
-                else:
-                    headers = _final_headers(scope, response)
+                    return True
+                headers = _final_headers(scope, response)
+                if response.background is None:
                     await write(response.status_code, headers, response.body)
+                else:  # a task to run after the answer: Starlette's send runs it
+                    response.raw_headers = headers
+                    await response(scope, receive, send)
                 return True
         return False
 
@@ -162,12 +166,12 @@ WRITE = "serving.write_response"
 def timing_header(request: Request, timings: dict[str, float], arrived: float, t_enc: float) -> str:
     """Close the `encode` stage and `total` now, for the Server-Timing header. The stages
     stay in the scope: a server that writes the response itself extends both to the
-    moment it writes (FastRoutes)."""
+    moment it writes and formats the header then (FastRoutes), so here it is left empty."""
     done = time.perf_counter()
     timings["encode"] = done - t_enc
     timings["total"] = done - arrived
     request.scope[TIMINGS] = (timings, arrived)
-    return server_timing(timings)
+    return "" if WRITE in request.scope else server_timing(timings)
 
 
 def _timeout_s(request: Request) -> float | None:

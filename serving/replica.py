@@ -192,9 +192,8 @@ class ModelWorker:
                 # while it runs.
                 done = []
                 for piece in pieces:
-                    item = _Item(piece, t0)
-                    inline = self._inline and alone and _instances([item]) == 1
-                    done += await self._batch([item], inline=inline)
+                    inline = self._inline and alone and batching.rows(piece) == 1
+                    done += await self._batch([_Item(piece, t0)], inline=inline)
             elif len(pieces) == 1:
                 done = [await self._run_batch(_Item(pieces[0], t0))]
             else:
