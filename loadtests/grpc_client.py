@@ -15,6 +15,7 @@ under test. The future API does the same RPC on gRPC's own C-core threads for a 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -77,9 +78,11 @@ class GrpcClient:
             self._loop.call_soon_threadsafe(_settle, done, (call, now()))
 
         sent = now()
-        self._infer.future(self._requests[i % len(self._requests)], timeout=10.0).add_done_callback(
-            finished
-        )
+        # The server reports the way in from this stamp as its `inbound` stage.
+        stamp = (("x-request-start", f"t={time.time_ns() // 1000}"),)
+        self._infer.future(
+            self._requests[i % len(self._requests)], timeout=10.0, metadata=stamp
+        ).add_done_callback(finished)
         call, answered = await done
         try:
             answer: bytes = call.result()

@@ -67,8 +67,10 @@ class RequestIdMiddleware:
         write = scope.get(WRITE)
         if write is not None:  # the one-write answers echo it too
 
-            async def write_with_id(status: int, headers: list[Any], body: bytes) -> None:
-                await write(status, [*headers, echo], body)
+            async def write_with_id(
+                status: int, headers: list[Any], body: bytes, timing: Any = None
+            ) -> None:
+                await write(status, [*headers, echo], body, timing)
 
             scope[WRITE] = write_with_id
 
@@ -127,11 +129,16 @@ def _cycle_is_known(cycle: RequestResponseCycle) -> bool:
 
 
 async def _write_whole(
-    cycle: RequestResponseCycle, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    cycle: RequestResponseCycle,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    timing: Callable[[], bytes] | None = None,
 ) -> None:
     """Status line, headers and body in one write, leaving uvicorn's cycle as its own
     `send` would after a complete response (keep-alive, flow control, next pipelined
-    request). The headers are ours (no validation pass); the body has a content-length."""
+    request). The headers are ours (no validation pass); the body has a content-length.
+    `timing` gives the Server-Timing value, asked for once the rest is assembled."""
     if cycle.flow.write_paused and not cycle.disconnected:
         await cycle.flow.drain()
     if cycle.disconnected:
@@ -144,6 +151,8 @@ async def _write_whole(
         content += (name, b": ", value, b"\r\n")
     if not cycle.keep_alive:
         content.append(b"connection: close\r\n")
+    if timing is not None:
+        content += (b"server-timing: ", timing(), b"\r\n")
     content += (b"\r\n", body)
     cycle.transport.write(b"".join(content))
     cycle.response_complete = True

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving import oip
 from serving.errors import ServingError
-from serving.http import new_request_id, server_timing
+from serving.http import REQUEST_START, inbound_s, new_request_id, put_first, server_timing
 from serving.pipeline import Pipeline
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -166,6 +166,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             request_id=request.id or _request_id(context),
         )
         pred.timings["decode"] += decode_s
+        inbound = inbound_s(metadata.get(REQUEST_START), t0)
+        if inbound is not None:  # from the client's stamp to this handler: gRPC's way in
+            put_first(pred.timings, {"inbound": inbound})
         t_enc = time.perf_counter()
         response = pb.ModelInferResponse(
             model_name=pred.model, model_version=pred.version, id=request.id

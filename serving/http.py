@@ -11,6 +11,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -75,28 +76,35 @@ class FastRoutes:
                 if write is None:
                     await response(scope, receive, send)
                     return True
-                headers = _final_headers(scope, response)
+                headers = [(k, v) for k, v in response.raw_headers if k != b"server-timing"]
+                stamped = scope.get(TIMINGS)
+                timing = None if stamped is None else _timing_at_write(*stamped)
                 if response.background is None:
-                    await write(response.status_code, headers, response.body)
+                    await write(response.status_code, headers, response.body, timing)
                 else:  # a task to run after the answer: Starlette's send runs it
+                    if timing is not None:
+                        headers.append((b"server-timing", timing()))
                     response.raw_headers = headers
                     await response(scope, receive, send)
                 return True
         return False
 
 
-def _final_headers(scope: Any, response: Response) -> list[tuple[bytes, bytes]]:
-    """The response's headers for a one-write answer, Server-Timing's `encode` and
-    `total` extended to now, just before the bytes leave."""
-    headers = [(k, v) for k, v in response.raw_headers if k != b"server-timing"]
-    stamped = scope.get(TIMINGS)
-    if stamped is not None:
-        timings, arrived = stamped
-        now = time.perf_counter()
-        timings["encode"] += now - arrived - timings["total"]
-        timings["total"] = now - arrived
-        headers.append((b"server-timing", server_timing(timings).encode()))
-    return headers
+def _timing_at_write(timings: dict[str, float], arrived: float) -> Callable[[], bytes]:
+    """Server-Timing's value for a one-write answer, `encode` and `total` extended to
+    the moment it is asked for: the writer asks last, with the rest of the response
+    assembled, so only the write itself is left outside the clock. Every other stage
+    is formatted here, ahead."""
+    encode_before = timings["encode"] - timings["total"]  # encode = this + total
+    done = server_timing({k: v for k, v in timings.items() if k not in ("encode", "total")})
+    head = f"{done}, " if done else ""
+
+    def value() -> bytes:
+        total = time.perf_counter() - arrived
+        encode = (encode_before + total) * 1000
+        return f"{head}encode;dur={encode:.3f}, total;dur={total * 1000:.3f}".encode()
+
+    return value
 
 
 Reconfigure = Callable[[str, str, BatchingOverride], Awaitable[None]]
@@ -149,17 +157,62 @@ ARRIVAL = "serving.arrival"  # ASGI scope key: perf_counter() when the server go
 
 def account_arrival(request: Request, t0: float, timings: dict[str, float]) -> float:
     """Put the time between the server receiving the request and our handler starting
-    (ASGI, routing) in an `http` stage, first; returns when the request arrived."""
+    (ASGI, routing) in an `http` stage, first, after `inbound` when the request carries
+    `x-request-start`; returns when the request arrived."""
     arrived = float(request.scope.get(ARRIVAL, t0))
-    timings_first = {"http": max(t0 - arrived, 0.0), **timings}
-    timings.clear()
-    timings.update(timings_first)
+    lead = {"http": max(t0 - arrived, 0.0)}
+    inbound = inbound_s(request.headers.get(REQUEST_START), arrived)
+    if inbound is not None:
+        lead = {"inbound": inbound, **lead}
+    put_first(timings, lead)
     return arrived
+
+
+def put_first(timings: dict[str, float], lead: dict[str, float]) -> None:
+    """Stages in `lead` before the others (Server-Timing lists them in order)."""
+    ordered = {**lead, **timings}
+    timings.clear()
+    timings.update(ordered)
+
+
+# Request header a client or a proxy in front of the gateway sets to when it sent the
+# request (nginx: `proxy_set_header X-Request-Start "t=${msec}"`), as APMs read it.
+REQUEST_START = "x-request-start"
+MAX_INBOUND_S = 60.0  # a later stamp is taken for a broken clock, not a slow network
+CLOCK_SLACK_S = 0.001  # clocks may disagree this much: an earlier arrival counts as 0
+
+
+def inbound_s(stamp: str | None, arrived: float) -> float | None:
+    """Seconds from the `x-request-start` stamp to `arrived` (perf_counter() when the
+    request's first bytes were read): the way in, which no clock of ours sees.
+
+    The stamp is wall-clock time since the epoch, optionally after `t=`: seconds with a
+    fraction (nginx's `$msec`), or whole milliseconds, microseconds or nanoseconds, told
+    apart by magnitude. Absent, unparseable or implausible (the clocks disagree) gives
+    None: the header is telemetry, never a reason to refuse a request."""
+    if not stamp:
+        return None
+    try:
+        value = float(stamp[2:] if stamp[:2] in ("t=", "T=") else stamp)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value <= 0:
+        return None
+    for limit, ns_per_unit in ((1e11, 1e9), (1e14, 1e6), (1e17, 1e3)):
+        if value < limit:
+            value *= ns_per_unit
+            break
+    arrived_ns = time.time_ns() - (time.perf_counter() - arrived) * 1e9
+    inbound = (arrived_ns - value) / 1e9
+    if inbound < -CLOCK_SLACK_S or inbound > MAX_INBOUND_S:
+        return None
+    return max(inbound, 0.0)
 
 
 TIMINGS = "serving.timings"  # ASGI scope key: (stages, arrival) of the answer being sent
 # ASGI scope key, set by a server that can write a whole response in one go (the direct
-# server): `await scope[WRITE](status, headers, body)`. See FastRoutes.
+# server): `await scope[WRITE](status, headers, body, timing)`, `timing` None or a
+# callable giving the Server-Timing value, called last. See FastRoutes.
 WRITE = "serving.write_response"
 
 
@@ -309,8 +362,8 @@ def build_http_app(
         )
         # Reading and parsing the body counts as decode time.
         pred.timings["decode"] += read_s
+        t_enc = time.perf_counter()  # from here on, what the answer costs counts as encode
         arrived = account_arrival(request, t0, pred.timings)
-        t_enc = time.perf_counter()
         response = _answer(request, pred, rid)
         response.headers["server-timing"] = timing_header(request, pred.timings, arrived, t_enc)
         return response

@@ -284,6 +284,18 @@ def test_headers_request_id_and_server_timing(gateway: GatewayUnderTest) -> None
     assert r.headers["x-request-id"] == "abc-123" and r.json()["request_id"] == "abc-123"
     stages = {part.split(";")[0].strip() for part in r.headers["server-timing"].split(",")}
     assert {"decode", "queue", "infer", "hop", "encode", "total"} <= stages
+    assert "inbound" not in stages  # no x-request-start, no way to know the way in
+    # A client (or proxy) stamp 40 ms ago: the way in is reported, first.
+    sent = f"t={time.time_ns() // 1000 - 40_000}"
+    r = post(
+        gateway,
+        "/v1/models/fraud:predict",
+        {"instances": records(gateway.registry, 1)},
+        headers={"x-request-start": sent},
+    )
+    first, *_ = r.headers["server-timing"].split(",")
+    name, dur = first.split(";dur=")
+    assert name == "inbound" and 40.0 <= float(dur) < 5000.0, first
     r = post(gateway, "/v1/models/nope:predict", {"instances": [[1]]})
     assert r.headers["x-request-id"]  # generated when the client sent none
 

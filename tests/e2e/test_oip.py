@@ -233,7 +233,8 @@ def test_grpc_typed_contents_answer_with_typed_contents(gateway: GatewayUnderTes
         getattr(t.contents, oip.CONTENTS_FIELD[FIELD_TYPES[name]]).extend(arr.tolist())
     with grpc.insecure_channel(gateway.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        resp, call = stub.ModelInfer.with_call(req, timeout=30)
+        stamp = (("x-request-start", f"t={time.time_ns() // 1000 - 40_000}"),)
+        resp, call = stub.ModelInfer.with_call(req, timeout=30, metadata=stamp)
     assert not resp.raw_output_contents and resp.id == "typed"
     by_name = {o.name: o for o in resp.outputs}
     got = {
@@ -245,6 +246,8 @@ def test_grpc_typed_contents_answer_with_typed_contents(gateway: GatewayUnderTes
     assert_same(got, want)
     trailing = dict(call.trailing_metadata())
     assert "infer;dur=" in trailing["server-timing"] and trailing["x-serving-batch-size"] == "8"
+    name, dur = trailing["server-timing"].split(",")[0].split(";dur=")
+    assert name == "inbound" and 40.0 <= float(dur) < 5000.0
 
 
 def test_degraded_answers_say_so(gateway: GatewayUnderTest) -> None:

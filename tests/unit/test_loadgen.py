@@ -30,6 +30,7 @@ class TinyServer:
         self.stall_at = stall_at
         self.count = 0
         self.stall: tuple[float, float] | None = None
+        self.stamps: list[tuple[int, int]] = []  # (x-request-start, read), µs since epoch
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -48,10 +49,13 @@ class TinyServer:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                read_us = time.time_ns() // 1000
                 length = 0
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
+                    if line.lower().startswith(b"x-request-start: t="):
+                        self.stamps.append((int(line.split(b"=")[1]), read_us))
                 await reader.readexactly(length)
                 self.count += 1
                 if self.count == self.stall_at:
@@ -217,6 +221,22 @@ def test_serial_keeps_server_timing(server: TinyServer) -> None:
     want = sum(2.0 / (lat * 1000) for lat in r.latencies_s) / 50
     assert st["coverage"] == pytest.approx(want)
     assert loadgen.parse_server_timing("a;desc=x;dur=1, b;dur=2.5") == {"a": 1.0, "b": 2.5}
+    # Every request carried its send time, stamped as it left (never after the read).
+    assert len(server.stamps) == 55
+    assert all(0 <= read - sent < 1_000_000 for sent, read in server.stamps)
+
+
+def test_coverage_counts_inbound_apart() -> None:
+    timings = [
+        {"inbound": 0.1, "http": 0.1, "infer": 0.5, "total": 0.7},
+        {"http": 0.1, "infer": 0.5, "total": 0.7},  # a server that got no stamp
+    ]
+    st = loadgen.timing_coverage(timings, [0.001, 0.001])
+    assert st["coverage"] == pytest.approx((0.7 + 0.6) / 2)
+    assert st["coverage_without_inbound"] == pytest.approx(0.6)
+    assert st["outside_mean_ms"] == pytest.approx((0.2 + 0.3) / 2)
+    assert st["inside_total_unattributed_mean_ms"] == pytest.approx(0.1)
+    assert st["stages_mean_ms"]["inbound"] == pytest.approx(0.05)
 
 
 def test_dead_server_gives_errors_not_latencies() -> None:
