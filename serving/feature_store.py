@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from serving import redis_conn
 from serving.features import TS_FIELD, FeatureConfig, redis_key
 from serving.metrics import metrics
-from serving.resp import MultiplexedRedis
+from serving.resp import MultiplexedRedis, checked
 
 Outcome = Literal["hit", "miss", "stale", "timeout", "error"]
 Stored = dict[str, list[dict[str, float] | None]]
@@ -142,10 +142,7 @@ class RedisFeatureStore:
             async with asyncio.timeout(timeout_s or self._timeout_s):
                 if self._mux is not None:
                     commands = [("HMGET", key, *wanted[key][2], TS_FIELD) for key in keys]
-                    replies = await self._mux.execute(commands)
-                    failed = next((r for r in replies if isinstance(r, Exception)), None)
-                    if failed is not None:
-                        raise failed
+                    replies = checked(await self._mux.execute(commands))
                 else:
                     pipe = self._redis().pipeline(transaction=False)
                     for key in keys:

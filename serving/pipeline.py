@@ -126,10 +126,9 @@ class Pipeline:
         # Fused versions: ModelWorkers in this process, called without a Ray hop.
         self._local = dict(local or {})
         self._drift: dict[tuple[str, str], DriftMonitor | None] = {}
+        # Inference requests in flight in this ingress replica per model, all transports
+        # (HTTP either mode, gRPC); past the limit in all they are shed with `Overloaded`.
         self._inflight: dict[str, int] = {}
-        # Inference requests in flight in this ingress replica, all models and transports
-        # (HTTP either mode, gRPC); past the limit they are shed with `Overloaded`.
-        self._ongoing = 0
         self._max_ongoing = dep.ingress.max_ongoing_requests
         self._monitor: asyncio.Task[None] | None = None
         self._shadow_slots: asyncio.Semaphore | None = None
@@ -292,7 +291,7 @@ class Pipeline:
     ) -> Prediction:
         t0 = time.perf_counter()
         await self.ensure_started()
-        if self._ongoing >= self._max_ongoing:
+        if sum(self._inflight.values()) >= self._max_ongoing:
             # Load shedding: past the ingress's limit a request is answered at once
             # instead of queueing in this event loop. Not a version's fault, so it stays
             # out of rollout statistics.
@@ -310,7 +309,6 @@ class Pipeline:
                 f"gateway replica at its limit of {self._max_ongoing} requests in flight "
                 "(ingress.max_ongoing_requests); retry later"
             )
-        self._ongoing += 1
         self._inflight[model] = self._inflight.get(model, 0) + 1
         deadline = min(
             timeout_s or self._settings.request_timeout_s, self._settings.request_timeout_s
@@ -351,7 +349,6 @@ class Pipeline:
             code = exc.code
             raise
         finally:
-            self._ongoing -= 1
             self._inflight[model] -= 1
             metrics().requests.inc(
                 1,

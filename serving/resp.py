@@ -48,6 +48,15 @@ def pack(commands: Sequence[Command]) -> bytes:
     return b"".join(out)
 
 
+def checked(replies: list[Any]) -> list[Any]:
+    """`replies`, unless one is an error reply: then the first such is raised (as
+    redis-py's pipeline does)."""
+    failed = next((r for r in replies if isinstance(r, Exception)), None)
+    if failed is not None:
+        raise failed
+    return replies
+
+
 @dataclass(slots=True)
 class _Waiter:
     fut: asyncio.Future[list[Any]]
@@ -173,10 +182,7 @@ class MultiplexedRedis:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, conn = await loop.create_connection(_Connection, self._host, self._port)
                 if self._setup:
-                    replies = await conn.send(pack(self._setup), len(self._setup))
-                    failed = next((r for r in replies if isinstance(r, Exception)), None)
-                    if failed is not None:
-                        raise failed
+                    checked(await conn.send(pack(self._setup), len(self._setup)))
         except BaseException:
             if conn is not None:
                 conn.close()
