@@ -2,7 +2,7 @@
 both baselines (the naive Ray Serve app and the single uvicorn process).
 
 Deliberately plain, as a first version would be written: the stdlib JSON body, one
-`HGETALL` per entity awaited one after another, `serving.features.build_vectors` (the
+`HGETALL` per entity awaited one after another, `serving.features.spec.build_vectors` (the
 one transformation), the runtime, and a dict for FastAPI to serialize. No validation
 beyond what numpy does, no deadlines, no batching.
 """
@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 
-from serving.features import TS_FIELD, build_vectors, redis_key
-from serving.registry import Manifest, Registry
-from serving.runtimes import Arrays, Runtime, RuntimeOptions, load_runtime
+from serving import keys
+from serving.features.spec import TS_FIELD, build_vectors
+from serving.models.registry import Manifest, Registry
+from serving.models.runtimes import Arrays, Runtime, RuntimeOptions, load_runtime
 
 
 class FeatureModel:
@@ -41,7 +42,7 @@ class FeatureModel:
         stored: dict[str, list[dict[str, float] | None]] = {v: [] for v, _ in self._views}
         for inst in instances:
             for view, entity in self._views:
-                key = redis_key(self._namespace, view, str(inst[entity]))
+                key = keys.feature(self._namespace, view, str(inst[entity]))
                 h = await self._redis.hgetall(key)
                 values = {k: float(x) for k, x in h.items() if k != TS_FIELD}
                 stored[view].append(values or None)

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from serving.errors import ConfigError
-from serving.registry import Registry
-from serving.runtimes import RuntimeOptions, load_runtime
+from serving.models.registry import Registry
+from serving.models.runtimes import RuntimeOptions, load_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 8, 32, 128, 512, 2048)

@@ -48,9 +48,10 @@ class GrpcClient:
     async def create(
         cls, host: str, port: int, model: str, scenario: Scenario, bodies: list[bytes]
     ) -> GrpcClient:
-        from serving import oip, oip_client
+        from serving.cli import oip_client
         from serving.proto import grpc_predict_v2_pb2 as pb
         from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+        from serving.transport import oip
 
         channel = grpc.insecure_channel(f"{host}:{port}")
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -251,8 +251,8 @@ def redis_server() -> Iterator[str]:
 
 
 def load_features(url: str, namespace: str, scenario: Scenario) -> int:
-    from serving import materialize
-    from serving.registry import Registry
+    from serving.features import materialize
+    from serving.models.registry import Registry
 
     features = Registry(REGISTRY).get(scenario.model, scenario.version).manifest.features
     rows = 0
@@ -716,7 +716,7 @@ def _deploy(
     """The gateway's applications and the naive one from one declarative Serve config,
     deployed together; returns the config (less the admin token) for the report."""
     from loadtests import naive
-    from serving import app as serving_app
+    from serving import deploy
     from serving.settings import Settings
 
     port = env.ports["gateway"]
@@ -734,8 +734,8 @@ def _deploy(
             registry_dir=registry,
         )
         dep = gateway_deployment(scenarios, registry)
-        config = serving_app.serve_config(settings, dep, env.admin_token)
-        names += serving_app.app_names(dep)
+        config = deploy.serve_config(settings, dep, env.admin_token)
+        names += deploy.app_names(dep)
         ready.append(f"http://127.0.0.1:{port}/readyz")
     if "naive" in systems:
         config["applications"].append(
@@ -743,7 +743,7 @@ def _deploy(
         )
         names.append(naive.APP_NAME)
         ready.append(f"http://127.0.0.1:{env.ports['naive']}{naive.ROUTE_PREFIX}/healthz")
-    serving_app.apply_config(config)
+    deploy.apply_config(config)
     seen: dict[str, str] = {}
 
     def show(states: dict[str, str]) -> None:
@@ -752,7 +752,7 @@ def _deploy(
             seen.update(states)
             progress("serve: " + ", ".join(f"{k} {v}" for k, v in states.items()))
 
-    serving_app.wait_until_running(names, timeout_s=300, progress=show)
+    deploy.wait_until_running(names, timeout_s=300, progress=show)
     for url in ready:
         _wait_http(url, 120, None, url)
     progress("all Serve applications running and ready")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.registry import MANIFEST, load_version
+from serving.models.registry import MANIFEST, load_version
 
 HELDOUT = "heldout.npz"
 

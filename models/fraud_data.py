@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from serving.features import (
+from serving.features.spec import (
     FeatureConfig,
     FeatureView,
     RequestField,
@@ -115,7 +115,7 @@ def stored_rows(table: Table, key: str, ids: list[str]) -> list[dict[str, float]
 
 def flatten(data: FraudData) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Feature matrix X (float32 [N, F], COLUMNS order) and labels y (int64 [N]), built by
-    the gateway's own transformation (`serving.features.build_vectors`)."""
+    the gateway's own transformation (`serving.features.spec.build_vectors`)."""
     raw = raw_records(data.transactions)
     return vectors(feature_config(data), raw, data), data.transactions["label"].astype(np.int64)
 

@@ -16,8 +16,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-from serving.drift import DriftReference, PredictionRef, RefHistogram
-from serving.registry import Batching, Manifest, Resources, TensorSpec, write_manifest
+from serving.models.registry import Batching, Manifest, Resources, TensorSpec, write_manifest
+from serving.observability.drift import DriftReference, PredictionRef, RefHistogram
 
 NAME = "digits"
 VERSIONS = ("v1",)

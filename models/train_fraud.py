@@ -23,8 +23,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from models import fraud_data
-from serving.drift import DriftReference, PredictionRef, RefHistogram
-from serving.registry import Batching, Manifest, Resources, TensorSpec, write_manifest
+from serving.models.registry import Batching, Manifest, Resources, TensorSpec, write_manifest
+from serving.observability.drift import DriftReference, PredictionRef, RefHistogram
 
 NAME = "fraud"
 VERSIONS = ("v1", "v2")

@@ -1,44 +1,38 @@
-"""Composition root: builds the Ray Serve config and the deployments it names.
+"""Composition root: the deployments the Serve config names, and what each is made of.
 
-Every model version is its own Serve *application* (`model-<name>-<version>`, no HTTP
-route), and the ingress is the `gateway` application. All are deployed together from one
-declarative Serve config (the same shape a KubeRay RayService embeds), so:
-- changing a version's `user_config` (batching) is a lightweight update: replicas are
-  reconfigured in place, never restarted;
-- adding or retiring a version touches only that version's application.
+`Gateway` (the ingress) wires the data plane to its parts (routing tables, statistics,
+prediction records, fused model workers), the transports to the data plane, and the
+servers to the app's lifespan. `gateway_app` and `model_app` are the application
+builders the Serve config names (serving.deploy).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
-from serving.direct_http import DirectHttpServer, with_server
+from serving import deploy
+from serving.dataplane import DataPlane
+from serving.dataplane.invoke import ReplicaHandle
 from serving.errors import ConfigError, InvalidInput, NotReady
-from serving.feedback import FeedbackStore
-from serving.grpc import GrpcServer
-from serving.http import build_http_app
-from serving.pipeline import Pipeline, ReplicaHandle, model_app_name
-from serving.registry import Registry
-from serving.replica import ModelReplica, ModelWorker
-from serving.rollout_controller import RolloutController
-from serving.settings import BatchingOverride, DeploymentFile, Settings, VersionConfig
-
-log = logging.getLogger(__name__)
-
-GATEWAY_APP = "gateway"
+from serving.models.registry import Registry
+from serving.models.replica import ModelReplica
+from serving.models.worker import ModelWorker
+from serving.observability.feedback import FeedbackStore
+from serving.rollouts.controller import RolloutController
+from serving.settings import BatchingOverride, DeploymentFile, Settings
+from serving.transport.direct_http import DirectHttpServer, with_server
+from serving.transport.grpc import GrpcServer
+from serving.transport.http_app import build_http_app
 
 
 def _replica_handle(model: str, version: str) -> ReplicaHandle:
     handle: ReplicaHandle = serve.get_deployment_handle(
-        "ModelReplica", app_name=model_app_name(model, version)
+        "ModelReplica", app_name=deploy.model_app_name(model, version)
     )
     return handle
 
@@ -51,9 +45,8 @@ class Gateway:
     def __init__(
         self, settings: dict[str, Any], deployment: dict[str, Any], admin_token: str | None
     ) -> None:
-        self._settings = Settings.model_validate(settings)
+        self._settings = s = Settings.model_validate(settings)
         self._dep = DeploymentFile.model_validate(deployment)
-        s = self._settings
         self._rollouts = RolloutController(
             s.redis_url,
             s.redis_namespace,
@@ -61,6 +54,7 @@ class Gateway:
             self._deploy_versions,
             self._retire_versions,
         )
+        self._feedback = FeedbackStore(s.redis_url, s.redis_namespace, s.prediction_ttl_s)
         # Fused versions run here, warmed before this replica reports healthy.
         self._local = {
             (m, v): _fused_worker(s, self._dep, m, v)
@@ -68,13 +62,15 @@ class Gateway:
             for v, vcfg in cfg.versions.items()
             if vcfg.placement == "fused"
         }
-        self._pipeline = Pipeline(
+        self._plane = DataPlane(
             self._dep,
             s,
             _replica_handle,
-            rollouts=self._rollouts,
-            feedback=FeedbackStore(s.redis_url, s.redis_namespace, s.prediction_ttl_s),
+            router=self._rollouts.router,
             local=self._local,
+            stats=self._rollouts.stats.recorder,
+            records=self._feedback,
+            accuracy=self._feedback,
         )
         self._admin_token = admin_token
         self._lock: asyncio.Lock | None = None  # made lazily inside the running loop
@@ -92,7 +88,7 @@ class Gateway:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            await asyncio.to_thread(update_batching, model, version, override)
+            await asyncio.to_thread(deploy.update_batching, model, version, override)
             await self._await_batching(model, version, override)
 
     async def _await_batching(self, model: str, version: str, want: BatchingOverride) -> None:
@@ -102,7 +98,7 @@ class Gateway:
         wanted = want.model_dump(exclude_none=True)
         while time.monotonic() < deadline:
             try:
-                now = await self._pipeline.batching(model, version)
+                now = await self._plane.monitor.batching(model, version)
             except Exception:
                 now = {}
             if all(now.get(k) == v for k, v in wanted.items()):
@@ -120,34 +116,51 @@ class Gateway:
                 raise InvalidInput(str(exc), field="to") from None
         try:
             await asyncio.to_thread(
-                ensure_versions, self._settings, self._dep, model, versions, 300.0
+                deploy.ensure_versions, self._settings, self._dep, model, versions, 300.0
             )
         except (ConfigError, TimeoutError) as exc:
             raise NotReady(f"could not deploy {model} {versions}: {exc}") from None
 
     async def _retire_versions(self, model: str, versions: list[str]) -> None:
         # Never retire what still takes traffic (e.g. a configured, pinned version).
-        gone = [v for v in versions if v not in self._pipeline.served_versions(model)]
+        gone = [v for v in versions if v not in self._plane.catalog.served_versions(model)]
         if gone:
-            await asyncio.to_thread(retire_versions, model, gone)
+            await asyncio.to_thread(deploy.retire_versions, model, gone)
 
     def __serve_build_asgi_app__(self) -> Any:
+        s = self._settings
         app = build_http_app(
-            self._pipeline,
-            self._settings,
+            self._plane,
+            s,
             admin_token=self._admin_token,
+            rollouts=self._rollouts,
+            labels=self._feedback,
             reconfigure=self._reconfigure,
         )
-        # The gRPC server lives as long as the app: Ray Serve runs the app's lifespan
-        # on the replica's event loop at start-up and again at graceful shutdown.
-        # So does the direct HTTP server (see serving.direct_http).
-        s = self._settings
-        grpc_server = GrpcServer(self._pipeline, s, self._dep.ingress.max_ongoing_requests)
-        lifespan = with_server(app.router.lifespan_context, grpc_server)
+        # The servers and the background loops live as long as the app: Ray Serve runs
+        # the app's lifespan on the replica's event loop at start-up and again at
+        # graceful shutdown (serving.transport.direct_http.with_server).
+        lifespan = with_server(app.router.lifespan_context, _Background(self._rollouts))
+        grpc_server = GrpcServer(self._plane, s, self._dep.ingress.max_ongoing_requests)
+        lifespan = with_server(lifespan, grpc_server)
         if s.http_mode == "direct":
             lifespan = with_server(lifespan, DirectHttpServer(app, s.http_host, s.http_port))
         app.router.lifespan_context = lifespan
         return app
+
+
+class _Background:
+    """The rollout controller's loops (routing tables, statistics, analysis), started
+    with the app, before its servers take requests."""
+
+    def __init__(self, rollouts: RolloutController) -> None:
+        self._rollouts = rollouts
+
+    async def start(self) -> None:
+        await self._rollouts.ensure_started()
+
+    async def stop(self) -> None:
+        await self._rollouts.close()
 
 
 def _fused_worker(s: Settings, dep: DeploymentFile, model: str, version: str) -> ModelWorker:
@@ -156,20 +169,11 @@ def _fused_worker(s: Settings, dep: DeploymentFile, model: str, version: str) ->
         model,
         version,
         str(dep.registry),
-        _runtime_options(s),
+        deploy.runtime_options(s),
         vcfg.warmup.model_dump() if vcfg.warmup else None,
     )
     worker.reconfigure(vcfg.batching.model_dump(exclude_none=True))
     return worker
-
-
-def _runtime_options(s: Settings) -> dict[str, Any]:
-    return {
-        "device": s.device,
-        "onnx_intra_op_threads": s.onnx_intra_op_threads,
-        "torch_threads": s.torch_threads,
-        "inline_infer_max_s": s.inline_infer_max_ms / 1000,
-    }
 
 
 # ---- application builders (import paths named in the Serve config) -------------------
@@ -186,231 +190,3 @@ def model_app(args: dict[str, Any]) -> Application:
         args["model"], args["version"], args["registry"], args["runtime"], args.get("warmup")
     )
     return app
-
-
-# ---- the Serve config ------------------------------------------------------------------
-def model_app_config(
-    settings: Settings, registry_root: Path, model: str, version: str, vcfg: VersionConfig
-) -> dict[str, Any]:
-    """The Serve application hosting one model version."""
-    manifest = Registry(registry_root).get(model, version).manifest
-    max_batch = vcfg.batching.max_batch_size or manifest.batching.max_batch_size
-    d: dict[str, Any] = {
-        "name": "ModelReplica",
-        # Requests per replica, not instances: keep room for a full batch of
-        # single-instance requests plus the next one queueing (ray #43288).
-        "max_ongoing_requests": max(2 * max_batch, 16),
-        "max_queued_requests": vcfg.max_queued_requests,
-        "user_config": vcfg.batching.model_dump(exclude_none=True),
-        "ray_actor_options": {
-            "num_cpus": (
-                vcfg.resources.num_cpus
-                if vcfg.resources.num_cpus is not None
-                else manifest.resources.num_cpus
-            ),
-            "num_gpus": (
-                vcfg.resources.num_gpus
-                if vcfg.resources.num_gpus is not None
-                else manifest.resources.num_gpus
-            ),
-        },
-    }
-    if vcfg.autoscaling is not None:
-        a = vcfg.autoscaling
-        d["autoscaling_config"] = a.model_dump(exclude={"latency_slo_ms"})
-        if a.latency_slo_ms is not None:
-            d["autoscaling_config"].update(
-                metrics_interval_s=1.0,
-                look_back_period_s=5.0,
-                policy={
-                    "policy_function": "serving.autoscale:LatencyPolicy",
-                    "policy_kwargs": {
-                        "model": model,
-                        "version": version,
-                        "slo_ms": a.latency_slo_ms,
-                    },
-                },
-            )
-    else:
-        d["num_replicas"] = vcfg.num_replicas
-    return {
-        "name": model_app_name(model, version),
-        "route_prefix": None,
-        "import_path": "serving.app:model_app",
-        "args": {
-            "model": model,
-            "version": version,
-            "registry": str(registry_root),
-            "runtime": _runtime_options(settings),
-            "warmup": vcfg.warmup.model_dump() if vcfg.warmup else None,
-        },
-        "deployments": [d],
-    }
-
-
-def version_config(dep: DeploymentFile, model: str, version: str) -> VersionConfig:
-    """A version's deployment settings: its own, else those of the model's default."""
-    versions = dep.models[model].versions
-    return versions.get(version) or versions[dep.models[model].default]
-
-
-def serve_config(
-    settings: Settings,
-    dep: DeploymentFile,
-    admin_token: str | None,
-    extra_versions: dict[str, set[str]] | None = None,
-) -> dict[str, Any]:
-    """The declarative Serve config for the whole gateway (ServeDeploySchema shape).
-    `extra_versions` adds versions that rollouts route to (read back from Redis)."""
-    registry_root = dep.registry.resolve()
-    dep = dep.model_copy(update={"registry": registry_root})
-    apps: list[dict[str, Any]] = [
-        {
-            "name": GATEWAY_APP,
-            "route_prefix": "/",
-            "import_path": "serving.app:gateway_app",
-            "args": {
-                "settings": settings.model_dump(mode="json", exclude={"admin_token"}),
-                "deployment": dep.model_dump(mode="json"),
-                "admin_token": admin_token,
-            },
-            "deployments": [
-                {
-                    "name": "Gateway",
-                    "num_replicas": dep.ingress.num_replicas,
-                    "max_ongoing_requests": dep.ingress.max_ongoing_requests,
-                    "ray_actor_options": {"num_cpus": dep.ingress.num_cpus},
-                }
-            ],
-        }
-    ]
-    for model, mcfg in dep.models.items():
-        fused = {v for v, c in mcfg.versions.items() if c.placement == "fused"}
-        versions = set(mcfg.versions) | (extra_versions or {}).get(model, set())
-        for version in sorted(versions - fused):
-            apps.append(
-                model_app_config(
-                    settings, registry_root, model, version, version_config(dep, model, version)
-                )
-            )
-    return {"applications": apps}
-
-
-def ensure_versions(
-    settings: Settings, dep: DeploymentFile, model: str, versions: list[str], timeout_s: float
-) -> None:
-    """Deploy the versions' applications that are missing (others untouched) and wait
-    until every one of them is running."""
-    registry_root = dep.registry.resolve()
-    config = deployed_config()
-    present = {a["name"] for a in config["applications"]}
-    missing = [v for v in versions if model_app_name(model, v) not in present]
-    for v in missing:
-        config["applications"].append(
-            model_app_config(settings, registry_root, model, v, version_config(dep, model, v))
-        )
-    if missing:
-        apply_config(config)
-    wait_until_running([model_app_name(model, v) for v in versions], timeout_s)
-
-
-def retire_versions(model: str, versions: list[str]) -> None:
-    """Remove the versions' applications; Serve drains their in-flight requests."""
-    names = {model_app_name(model, v) for v in versions}
-    config = deployed_config()
-    kept = [a for a in config["applications"] if a["name"] not in names]
-    if len(kept) != len(config["applications"]):
-        apply_config({"applications": kept})
-
-
-# ---- talking to the Serve controller -----------------------------------------------------
-def _client() -> Any:
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client()
-
-
-def apply_config(config: dict[str, Any]) -> None:
-    """Hand the whole config to the Serve controller (returns before it is running)."""
-    from ray.serve.schema import ServeDeploySchema
-
-    _client().deploy_apps(ServeDeploySchema.model_validate(config))
-
-
-def deployed_config() -> dict[str, Any]:
-    """The Serve config now in force, read back from the controller."""
-    details = _client().get_serve_details()
-    apps = [
-        a["deployed_app_config"]
-        for a in details.get("applications", {}).values()
-        if a.get("deployed_app_config")
-    ]
-    return {"applications": apps}
-
-
-def update_batching(model: str, version: str, override: BatchingOverride) -> None:
-    """Merge a batching change into the version's user_config and re-apply the config:
-    a lightweight update that reaches every replica through `reconfigure`."""
-    config = deployed_config()
-    name = model_app_name(model, version)
-    change = override.model_dump(exclude_none=True)
-    for app in config["applications"]:
-        if app["name"] == name:
-            dep = app["deployments"][0]
-            dep["user_config"] = {**(dep.get("user_config") or {}), **change}
-            break
-    else:
-        # A fused version: its batching lives in the gateway deployment's user_config.
-        gateway = next(a for a in config["applications"] if a["name"] == GATEWAY_APP)
-        models = DeploymentFile.model_validate(gateway["args"]["deployment"]).models
-        vcfg = models[model].versions.get(version) if model in models else None
-        if vcfg is None or vcfg.placement != "fused":
-            raise ConfigError(f"application {name} is not deployed")
-        deployments = gateway.setdefault("deployments", [{"name": "Gateway"}])
-        user = deployments[0].setdefault("user_config", {}) or {}
-        key = f"{model}/{version}"
-        user.setdefault("batching", {})[key] = {**user.get("batching", {}).get(key, {}), **change}
-        deployments[0]["user_config"] = user
-    apply_config(config)
-
-
-def wait_until_running(
-    app_names: list[str],
-    timeout_s: float,
-    progress: Callable[[dict[str, str]], None] | None = None,
-) -> None:
-    """Poll Serve until every app is RUNNING; raise with the controller's message if
-    one fails to deploy or the timeout passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = serve.status()
-        states = {
-            n: (status.applications[n].status.value if n in status.applications else "NOT_STARTED")
-            for n in app_names
-        }
-        if progress is not None:
-            progress(states)
-        failed = {
-            n: status.applications[n].message
-            for n, s in states.items()
-            if s in ("DEPLOY_FAILED", "UNHEALTHY")
-        }
-        if failed:
-            raise ConfigError(
-                "deployment failed:\n" + "\n".join(f"  {n}: {m}" for n, m in failed.items())
-            )
-        if all(s == "RUNNING" for s in states.values()):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not running after {timeout_s:.0f}s: {states}")
-        time.sleep(0.25)
-
-
-def app_names(dep: DeploymentFile) -> list[str]:
-    """The Serve applications a deployment file makes (fused versions have none)."""
-    return [GATEWAY_APP] + [
-        model_app_name(m, v)
-        for m, cfg in dep.models.items()
-        for v, vcfg in cfg.versions.items()
-        if vcfg.placement != "fused"
-    ]

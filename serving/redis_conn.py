@@ -32,3 +32,22 @@ def client(url: str) -> aioredis.Redis:
         decode_responses=True,
         **reconnect_once(),
     )
+
+
+class LazyClient:
+    """One `client(url)` shared by a replica's background parts (routing tables,
+    statistics, rollout commands), made on first use: inside the running loop."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._client: aioredis.Redis | None = None
+
+    def __call__(self) -> aioredis.Redis:
+        if self._client is None:
+            self._client = client(self._url)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

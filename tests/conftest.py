@@ -1,4 +1,6 @@
-"""Shared fixtures: the repo's demo registry (built by `make models`)."""
+"""Shared fixtures: the repo's demo registry (built by `make models`), a private
+redis-server. Every test under tests/integration and tests/e2e carries that layer's
+marker (`-m "not e2e"` runs the fast layers)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,14 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = ROOT / "models"
+LAYERS = ("integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        layer = item.path.relative_to(ROOT / "tests").parts[0]
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
 def free_port() -> int:

@@ -163,8 +163,8 @@ def gateway(
     redis_server: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> GatewayUnderTest:
-    from serving import app as serving_app
-    from serving import materialize
+    from serving import deploy
+    from serving.features import materialize
     from serving.settings import Settings, load_deployment
 
     registry = _registry_copy(registry_root, tmp_path_factory.mktemp("registry"))
@@ -231,7 +231,7 @@ def gateway(
             key,
         )
     dep = load_deployment(cfg_path)
-    serving_app.apply_config(serving_app.serve_config(settings, dep, TOKEN))
+    deploy.apply_config(deploy.serve_config(settings, dep, TOKEN))
     gw = GatewayUnderTest(
         settings.gateway_url(),
         TOKEN,

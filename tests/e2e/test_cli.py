@@ -18,7 +18,6 @@ from tests.conftest import RedisServer
 from tests.e2e.conftest import TOKEN, GatewayUnderTest, free_port
 from tests.e2e.test_gateway import records
 
-pytestmark = pytest.mark.e2e
 SERVING = [sys.executable, "-m", "serving.cli"]
 ROOT = Path(__file__).resolve().parents[2]
 

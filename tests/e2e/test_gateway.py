@@ -12,11 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-from serving.registry import Registry
-from serving.runtimes import RuntimeOptions, load_runtime
+from serving.models.registry import Registry
+from serving.models.runtimes import RuntimeOptions, load_runtime
 from tests.e2e.conftest import GatewayUnderTest
-
-pytestmark = pytest.mark.e2e
 
 
 def heldout(registry: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +75,7 @@ def test_fraud_from_entity_keys_equals_the_offline_vectors(
 
 
 def _defaults_vector(gateway: GatewayUnderTest, rec: dict[str, object]) -> np.ndarray:
-    from serving.features import build_vectors
+    from serving.features.spec import build_vectors
 
     manifest = Registry(gateway.registry).get("fraud", "v2").manifest
     assert manifest.features is not None
@@ -112,7 +110,7 @@ def test_unknown_entity_follows_the_policy(gateway: GatewayUnderTest) -> None:
 def test_redis_down_then_back(gateway: GatewayUnderTest) -> None:
     """Redis stopped: every answer within the deadline plus a margin, per policy.
     Redis restarted (empty, then reloaded): lookups recover without a gateway restart."""
-    from serving import materialize
+    from serving.features import materialize
 
     recs = records(gateway.registry, 3)
     gateway.redis.stop()

@@ -11,8 +11,6 @@ import pytest
 from loadtests import loadgen, worker
 from tests.e2e.conftest import GatewayUnderTest
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.mark.parametrize("kind", ["http", "grpc"])
 async def test_serial_run_over_each_transport_reports_server_timing(

@@ -24,7 +24,6 @@ from tests.conftest import free_port
 from tests.e2e.conftest import GatewayUnderTest
 from tests.e2e.test_gateway import records
 
-pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deployments" / "grafana" / "dashboards" / "serving.json"
 
@@ -244,17 +243,20 @@ def test_request_counts_and_batch_sizes_in_prometheus(
             )
 
     asyncio.run(burst())
-    # `rollme` v2 serves only what this test sends it (pinned): the count must match.
-    before = query(prometheus, 'sum(ray_serving_requests_total{model="rollme",version="v2"})')
+    # `rollme` v1 serves only what this test sends it (its rollouts come later, in
+    # test_rollout): the count must match.
+    before = query(
+        prometheus, 'sum(ray_serving_requests_total{model="rollme",version="v1",code="ok"})'
+    )
     base = float(before[0]["value"][1]) if before else 0.0
     for _ in range(17):
         httpx.post(
             f"{gateway.url}/v1/models/rollme:predict",
             json={"instances": img},
-            headers={"x-serving-version": "v2"},
+            headers={"x-serving-version": "v1"},
             timeout=60,
         )
-    expr = 'sum(ray_serving_requests_total{model="rollme",version="v2"})'
+    expr = 'sum(ray_serving_requests_total{model="rollme",version="v1",code="ok"})'
     deadline = time.monotonic() + 60
     value = base
     while time.monotonic() < deadline:

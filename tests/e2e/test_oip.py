@@ -17,14 +17,12 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from serving import oip
 from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from serving.transport import oip
 from tests.e2e.conftest import GatewayUnderTest
 from tests.e2e.test_cli import run
 from tests.e2e.test_gateway import RAW, heldout, post, records
-
-pytestmark = pytest.mark.e2e
 
 FIELD_TYPES = {
     "user_id": "BYTES",
@@ -89,7 +87,7 @@ def status_of(call: Any) -> tuple[str, str]:
 
 
 def load_features(gw: GatewayUnderTest) -> None:
-    from serving import materialize
+    from serving.features import materialize
 
     for view, key in (("user_stats", "user_id"), ("merchant_stats", "merchant_id")):
         materialize.load(

@@ -23,7 +23,6 @@ import pytest
 
 from tests.e2e.conftest import TOKEN, GatewayUnderTest
 
-pytestmark = pytest.mark.e2e
 MODEL = "rollme"
 
 

@@ -1,0 +1,235 @@
+"""`serving up` (start Ray, deploy, wait until warm, serve), `serving config render`
+and `serving redis ensure`."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Annotated, Any
+from urllib.parse import urlparse
+
+import httpx
+import typer
+import yaml
+
+from serving import keys
+from serving.cli.common import ConfigOpt, cli_settings, console, err, fail
+from serving.errors import ConfigError
+from serving.settings import DeploymentFile, Settings, load_deployment
+
+config_app = typer.Typer(help="Deployment configuration.", no_args_is_help=True)
+redis_app = typer.Typer(help="Redis helpers.", no_args_is_help=True)
+
+
+def up(
+    config: ConfigOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 300.0,
+) -> None:
+    """Start (or join RAY_ADDRESS) Ray, deploy every configured model version and the
+    HTTP ingress, wait until all are warm, then serve until Ctrl-C / SIGTERM."""
+    import ray
+    from ray import serve
+
+    from serving import deploy
+    from serving.auth import ensure_token
+
+    settings = cli_settings(config)
+    try:
+        dep = load_deployment(settings.config, settings.registry_dir)
+        cfg = deploy.serve_config(
+            settings, dep, ensure_token(settings), routed_versions(settings, list(dep.models))
+        )
+    except ConfigError as exc:
+        fail(f"{exc}\nBuild the demo models with `make models` if they are missing.")
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        console.print(f"\n[yellow]received {signal.Signals(signum).name}, shutting down…[/]")
+        stop.set()
+
+    try:
+        bootstrap_feature_tables(settings, dep)
+    except Exception as exc:  # Redis down or a bad table: say so, but still serve
+        err.print(f"[yellow]warning:[/] feature tables not loaded: {exc}")
+
+    joined = settings.ray_address is not None
+    console.print(
+        f"[bold]serving up[/] config={settings.config} registry={dep.registry} "
+        f"ray={'join ' + str(settings.ray_address) if joined else 'local'}"
+    )
+    t0 = time.monotonic()
+    ray.init(
+        address=settings.ray_address,
+        num_cpus=None if joined else settings.ray_num_cpus,
+        # One Prometheus endpoint per node for every replica on it (local cluster only;
+        # a joined cluster keeps the port it was started with).
+        **({} if joined else {"_metrics_export_port": settings.metrics_port}),
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+    try:
+        serve.start(http_options={"host": settings.http_host, "port": settings.proxy_port()})
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        deploy.apply_config(cfg)
+        names = deploy.app_names(dep)
+        last: dict[str, str] = {}
+
+        def progress(states: dict[str, str]) -> None:
+            nonlocal last
+            if states != last:
+                waiting = [f"{n}={s}" for n, s in states.items() if s != "RUNNING"]
+                what = ("deploying: " + ", ".join(waiting)) if waiting else "all running"
+                console.print(f"  [{time.monotonic() - t0:5.1f}s] {what}")
+                last = dict(states)
+
+        deploy.wait_until_running(names, timeout, progress)
+        _wait_ready(settings.gateway_url(), timeout - (time.monotonic() - t0))
+        console.print(
+            f"[bold green]ready[/] in {time.monotonic() - t0:.1f}s: "
+            f"HTTP {settings.gateway_url()}  (docs {settings.gateway_url()}/docs)  "
+            f"gRPC {settings.grpc_target()}\n"
+            + ("" if joined else f"metrics http://127.0.0.1:{settings.metrics_port}/metrics\n")
+            + f"admin token file: {settings.admin_token_file}\nCtrl-C to stop."
+        )
+        while not stop.wait(1.0):
+            pass
+    except (ConfigError, TimeoutError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        if joined:
+            for n in deploy.app_names(dep):
+                serve.delete(n, _blocking=False)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+        console.print("stopped.")
+
+
+def routed_versions(settings: Settings, models: list[str]) -> dict[str, set[str]]:
+    """Versions the routing tables in Redis send traffic to (a promoted canary must be
+    deployed again after a restart). Empty when Redis does not answer."""
+    import redis
+
+    from serving.rollouts.table import RoutingTable
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        docs = client.mget([keys.routing(settings.redis_namespace, m) for m in models])
+    except redis.RedisError:
+        return {}
+    return {m: RoutingTable.model_validate_json(d).versions() for m, d in zip(models, docs) if d}
+
+
+def bootstrap_feature_tables(settings: Settings, dep: DeploymentFile) -> None:
+    """Load each of the deployment's feature tables whose first entity is absent."""
+    import redis
+
+    from serving.features import materialize
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    for table in dep.feature_tables:
+        view = materialize.find_view(dep.registry, table.view)
+        first = next(iter(materialize.read_rows(table.path)), None)
+        if first is None:
+            continue
+        entity = materialize.normalize_entity(first[1][table.entity_column or view.entity])
+        if entity is not None and client.exists(
+            keys.feature(settings.redis_namespace, view.name, entity)
+        ):
+            console.print(f"features: view {view.name} already loaded")
+            continue
+        report = materialize.load(
+            settings.redis_url, settings.redis_namespace, view, table.path, table.entity_column
+        )
+        console.print(
+            f"features: loaded {report.rows} rows into {view.name} "
+            f"({report.rows_per_s:,.0f} rows/s)"
+        )
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + max(timeout_s, 5.0)
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=5.0)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"gateway not ready: {last}")
+
+
+@config_app.command("render")
+def config_render(config: ConfigOpt = None) -> None:
+    """Print the Ray Serve config this deployment file produces (e.g. for a RayService's
+    serveConfigV2). The admin token is left out."""
+    from serving import deploy
+
+    settings = cli_settings(config)
+    try:
+        dep = load_deployment(settings.config, settings.registry_dir)
+        cfg = deploy.serve_config(settings, dep, None)
+    except ConfigError as exc:
+        fail(str(exc))
+    sys.stdout.write(yaml.safe_dump(cfg, sort_keys=False))
+
+
+@redis_app.command("ensure")
+def redis_ensure(
+    wait: Annotated[float, typer.Option(help="Seconds to wait for a started server.")] = 10.0,
+) -> None:
+    """Make sure SERVING_REDIS_URL answers; start a local redis-server if it does not
+    and the URL points at this machine."""
+    import redis
+
+    url = cli_settings().redis_url
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+
+    def ping() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    if ping():
+        console.print(f"redis: {url} answers")
+        return
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+    binary = shutil.which("redis-server")
+    if host not in ("127.0.0.1", "localhost", "::1") or binary is None:
+        fail(f"redis at {url} does not answer and no local redis-server can be started")
+    console.print(f"redis: {url} does not answer; starting {binary} on port {port}")
+    subprocess.run(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+        ],
+        check=True,
+    )
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if ping():
+            console.print(f"redis: started, {url} answers")
+            return
+        time.sleep(0.1)
+    fail(f"started redis-server but {url} still does not answer")

@@ -1,0 +1,108 @@
+"""What happens after a prediction, off the answer's critical work but inside its
+`record` stage: request metrics, per-arm rollout statistics, prediction records for
+delayed labels, drift windows and the shadow copy."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from serving.dataplane.invoke import VersionCaller
+from serving.dataplane.routing import Router
+from serving.dataplane.shadow import ShadowSender, ShadowStats
+from serving.models.registry import Arrays, Manifest
+from serving.models.worker import ReplicaResult
+from serving.observability.drift import DriftMonitor
+from serving.observability.metrics import metrics
+
+# Outcomes that count against a version in rollout analysis (client mistakes do not).
+SERVER_FAULTS = frozenset(
+    {
+        "model_error",
+        "internal",
+        "deadline_exceeded",
+        "not_ready",
+        "overloaded",
+        "feature_store_unavailable",
+    }
+)
+
+
+class RequestStats(ShadowStats, Protocol):
+    """Per-arm counters that rollout analysis reads (serving.rollouts.stats)."""
+
+    def request(self, model: str, version: str, latency_s: float, error: bool) -> None: ...
+
+
+class PredictionRecords(Protocol):
+    """Prediction records kept for delayed labels (serving.observability.feedback)."""
+
+    def record(self, request_id: str, model: str, version: str, labels: np.ndarray) -> None: ...
+
+
+class AfterPredict:
+    def __init__(
+        self,
+        router: Router,
+        caller: VersionCaller,
+        timeout_s: float,
+        stats: RequestStats | None = None,
+        records: PredictionRecords | None = None,
+    ) -> None:
+        self._router = router
+        self._stats = stats
+        self._records = records
+        self.drift: dict[tuple[str, str], DriftMonitor | None] = {}
+        self.shadow = ShadowSender(caller, stats, timeout_s)
+
+    def outcome(
+        self, model: str, version: str, arm: str, protocol: str, code: str, latency_s: float
+    ) -> None:
+        """Every request that reached the data plane, answered or not. Shed requests
+        (arm "none") and unknown names are no version's fault: not in rollout figures."""
+        tags = {"model": model, "version": version, "arm": arm, "protocol": protocol}
+        metrics().requests.inc(1, tags={**tags, "code": code})
+        if self._stats is not None and version and arm != "none" and code != "not_found":
+            self._stats.request(model, version, latency_s, code in SERVER_FAULTS)
+
+    def answered(
+        self,
+        record_id: str,
+        model: str,
+        version: str,
+        arm: str,
+        protocol: str,
+        manifest: Manifest,
+        arrays: Arrays,
+        result: ReplicaResult,
+        timings: dict[str, float],
+        degraded: list[str],
+    ) -> None:
+        """A successful answer: latency and stage metrics, prediction record, drift
+        window, and a shadow copy when this request is sampled for one."""
+        m = metrics()
+        tags = {"model": model, "version": version}
+        m.latency.observe(timings["total"], tags={**tags, "protocol": protocol})
+        for stage, secs in timings.items():
+            if stage != "total":
+                m.stage.observe(secs, tags={**tags, "stage": stage})
+        if degraded:
+            m.degraded.inc(1, tags={**tags, "reason": degraded[0].split(":")[1]})
+        if record_id and self._records is not None and "label" in result.outputs:
+            self._records.record(record_id, model, version, np.asarray(result.outputs["label"]))
+        monitor = self._drift_monitor(model, version, manifest)
+        if monitor is not None:
+            monitor.observe(arrays.get(manifest.inputs[0].name), result.outputs)
+        if arm != "pinned":
+            shadow = self._router.shadow_for(model)
+            if shadow is not None and shadow != version:
+                self.shadow.send(model, shadow, manifest, arrays, result.outputs)
+
+    def _drift_monitor(self, model: str, version: str, m: Manifest) -> DriftMonitor | None:
+        key = (model, version)
+        if key not in self.drift:
+            self.drift[key] = (
+                DriftMonitor(m.drift, m.inputs[0].columns) if m.drift is not None else None
+            )
+        return self.drift[key]

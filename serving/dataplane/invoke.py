@@ -1,0 +1,94 @@
+"""Calling a model version: in this process (fused) or on its replicas (a Ray Serve
+handle), under a deadline, with every failure mapped to a ServingError here and only
+here."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from serving.errors import DeadlineExceeded, ModelError, NotReady, Overloaded, ServingError
+
+
+class ReplicaHandle(Protocol):
+    """The part of a Ray Serve DeploymentHandle used here."""
+
+    def __getattr__(self, method: str) -> Any: ...
+
+
+HandleFactory = Callable[[str, str], ReplicaHandle]
+
+
+class VersionCaller:
+    """`call(model, version, method, timeout_s, *args)`: a ModelWorker method's result.
+
+    Fused versions are ModelWorkers in this process, called without a Ray hop; any
+    other version is reached through its deployment's handle (made once, on first use).
+    """
+
+    def __init__(self, handles: HandleFactory, local: Mapping[tuple[str, str], Any]) -> None:
+        self._factory = handles
+        self._handles: dict[tuple[str, str], ReplicaHandle] = {}
+        self._local = dict(local)
+
+    def is_local(self, model: str, version: str) -> bool:
+        return (model, version) in self._local
+
+    async def call(
+        self, model: str, version: str, method: str, timeout_s: float, *args: Any
+    ) -> Any:
+        if timeout_s <= 0:
+            raise DeadlineExceeded("deadline exceeded before the model was called")
+        local = self._local.get((model, version))
+        if local is not None:
+            return await self._call_local(local, model, version, method, timeout_s, *args)
+        try:
+            response = getattr(self._handle(model, version), method).remote(*args)
+        except Exception as exc:  # the version's application is not deployed (yet)
+            raise NotReady(f"{model}/{version} is not available: {exc}") from None
+        try:
+            # asyncio.timeout, not wait_for: the call runs in this task, no new one.
+            async with asyncio.timeout(timeout_s):
+                return await response
+        except TimeoutError:
+            response.cancel()
+            raise _late(model, version, timeout_s) from None
+        except BackPressureError:
+            raise Overloaded(f"{model}/{version} is overloaded; retry later") from None
+        except DeploymentUnavailableError:
+            raise NotReady(f"{model}/{version} is not available") from None
+        except RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, ServingError) else None
+            if cause is not None:
+                raise cause from None
+            raise ModelError(f"{model}/{version} failed: {exc.cause!r}") from None
+        except RayActorError:
+            raise NotReady(f"{model}/{version} replica died; retry") from None
+
+    async def _call_local(
+        self, worker: Any, model: str, version: str, method: str, timeout_s: float, *args: Any
+    ) -> Any:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await getattr(worker, method)(*args)
+        except TimeoutError:
+            raise _late(model, version, timeout_s) from None
+        except ServingError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{model}/{version} failed: {exc!r}") from None
+
+    def _handle(self, model: str, version: str) -> ReplicaHandle:
+        key = (model, version)
+        h = self._handles.get(key)
+        if h is None:
+            h = self._handles[key] = self._factory(model, version)
+        return h
+
+
+def _late(model: str, version: str, timeout_s: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"{model}/{version} did not answer within {timeout_s * 1000:.0f} ms")

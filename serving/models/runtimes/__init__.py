@@ -1,0 +1,45 @@
+"""Model runtimes: load an artifact once, then `predict(batch)` many times.
+
+The same code path serves CPU and GPU; the device is chosen once at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from serving.models.registry import Arrays, ModelVersion
+
+__all__ = ["Arrays", "Runtime", "RuntimeOptions", "load_runtime", "wants_gpu"]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    onnx_intra_op_threads: int = 1
+    torch_threads: int = 1
+
+
+class Runtime(Protocol):
+    device: str
+
+    def predict(self, inputs: Arrays) -> Arrays:
+        """Run one batch; inputs and outputs keyed by the manifest's tensor names."""
+        ...
+
+
+def wants_gpu(mv: ModelVersion, opts: RuntimeOptions) -> bool:
+    """GPU only when asked for: device=cuda, or auto with GPUs in the resources."""
+    if opts.device == "cpu":
+        return False
+    return opts.device == "cuda" or mv.manifest.resources.num_gpus > 0
+
+
+def load_runtime(mv: ModelVersion, opts: RuntimeOptions) -> Runtime:
+    if mv.manifest.runtime == "onnx":
+        from serving.models.runtimes.onnx import OnnxRuntime
+
+        return OnnxRuntime(mv, opts)
+    from serving.models.runtimes.torch import TorchScriptRuntime
+
+    return TorchScriptRuntime(mv, opts)

@@ -1,0 +1,59 @@
+"""TorchScript runtime: `inference_mode`, CUDA when requested and available.
+
+Artifacts are TorchScript archives (`torch.jit.load`), which hold no pickled Python
+objects to execute. The module takes the manifest's inputs positionally and returns a
+tensor, a tuple of tensors in the manifest's output order, or a dict keyed by name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from serving.errors import ConfigError
+from serving.models.registry import ModelVersion
+from serving.models.runtimes import Arrays, RuntimeOptions, wants_gpu
+
+log = logging.getLogger(__name__)
+
+
+class TorchScriptRuntime:
+    def __init__(self, mv: ModelVersion, opts: RuntimeOptions) -> None:
+        torch.set_num_threads(opts.torch_threads)
+        device = "cpu"
+        if wants_gpu(mv, opts):
+            if torch.cuda.is_available():
+                device = "cuda"
+            elif opts.device == "cuda":
+                raise ConfigError(f"{mv.path}: device=cuda but torch sees no CUDA device")
+            else:
+                log.warning("%s: GPU requested but not available; using CPU", mv.path)
+        self.device = device
+        self._module = torch.jit.load(str(mv.artifact_path), map_location=device)
+        self._module.eval()
+        self._in = [(s.name, np.dtype(s.dtype)) for s in mv.manifest.inputs]
+        self._out = [(s.name, np.dtype(s.dtype)) for s in mv.manifest.outputs]
+
+    def predict(self, inputs: Arrays) -> Arrays:
+        with torch.inference_mode():
+            args = [
+                torch.from_numpy(np.ascontiguousarray(inputs[n], dtype=dt)).to(self.device)
+                for n, dt in self._in
+            ]
+            result = self._module(*args)
+        if isinstance(result, torch.Tensor):
+            tensors = [result]
+        elif isinstance(result, dict):
+            tensors = [result[n] for n, _ in self._out]
+        else:
+            tensors = list(result)
+        if len(tensors) != len(self._out):
+            raise ConfigError(
+                f"model returned {len(tensors)} outputs, manifest declares {len(self._out)}"
+            )
+        return {
+            n: t.detach().cpu().numpy().astype(dt, copy=False)
+            for (n, dt), t in zip(self._out, tensors)
+        }

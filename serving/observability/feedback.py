@@ -1,0 +1,184 @@
+"""Delayed labels: prediction records, the label join and accuracy per version.
+
+Every answered prediction of a model with a `label` output leaves a short-lived record
+in Redis (serving.keys.prediction: model, version, predicted labels; TTL from
+settings). Records are buffered in memory and written in one pipeline every 50 ms, off
+the request path. `POST /v1/feedback` joins labels with records: the first label for a
+request counts, a repeated identical one is a no-op, a different one is a conflict.
+Counts of labelled and correct predictions go to minute buckets per version
+(serving.keys.accuracy) for rolling accuracy, and to the rollout
+statistics so a canary's accuracy can be compared with stable's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from serving import keys, redis_conn
+from serving.background import every
+from serving.errors import Conflict, FeatureStoreUnavailable, InvalidInput, NotFound
+from serving.observability.metrics import metrics
+from serving.rollouts.stats import bucket_start
+
+log = logging.getLogger(__name__)
+
+ACCURACY_WINDOWS = {"5m": 300, "1h": 3600}
+FLUSH_EVERY_S = 0.05
+MAX_PENDING = 50_000  # beyond this, records are dropped (counted) rather than queued
+
+
+class FeedbackStore:
+    def __init__(self, redis_url: str, namespace: str, ttl_s: float) -> None:
+        self._url = redis_url
+        self._ns = namespace
+        self._ttl_s = int(ttl_s)
+        self._client: aioredis.Redis | None = None
+        self._pending: list[tuple[str, str]] = []  # (key, json record)
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            self._client = redis_conn.client(self._url)
+        return self._client
+
+    def record(self, request_id: str, model: str, version: str, labels: np.ndarray) -> None:
+        """Queue one prediction record (request path: memory only)."""
+        if self._task is None:
+            self._task = asyncio.create_task(
+                every(FLUSH_EVERY_S, self.flush, "writing prediction records")
+            )
+        values = labels.tolist()
+        if len(values) == 1:  # the common case, without np.unique's ~10 µs
+            counted: Iterable[tuple[Any, int]] = ((values[0], 1),)
+        else:
+            classes, counts = np.unique(labels, return_counts=True)
+            counted = zip(classes.tolist(), counts.tolist())
+        for cls, count in counted:
+            metrics().predictions.inc(
+                count, tags={"model": model, "version": version, "label": str(cls)}
+            )
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        doc = json.dumps({"model": model, "version": version, "pred": values, "ts": time.time()})
+        self._pending.append((keys.prediction(self._ns, request_id), doc))
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        pipe = self._redis().pipeline(transaction=False)
+        for key, doc in pending:
+            pipe.hset(key, mapping={"rec": doc})
+            pipe.expire(key, self._ttl_s)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.dropped += len(pending)
+            log.warning("dropped %d prediction records: %s", len(pending), exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+    async def label(self, items: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+        """Join labels with their predictions. All ids must exist, or nothing is
+        applied (404 naming the missing ids)."""
+        await self.flush()  # this replica's own recent predictions are joinable at once
+        r = self._redis()
+        pipe = r.pipeline(transaction=False)
+        for rid, _ in items:
+            pipe.hmget(keys.prediction(self._ns, rid), ["rec", "label"])
+        try:
+            docs = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise FeatureStoreUnavailable(f"Redis unavailable for feedback: {exc}") from None
+        missing = [rid for (rid, _), (rec, _) in zip(items, docs) if rec is None]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:10])
+            raise NotFound(
+                f"no prediction for request id {shown} (unknown or expired)", field="request_id"
+            )
+        results: list[dict[str, Any]] = []
+        updates: list[tuple[str, str, str, int, int]] = []
+        for (rid, label), (rec, old) in zip(items, docs):
+            record = json.loads(rec)
+            pred = record["pred"]
+            labels = label if isinstance(label, list) else [label]
+            if len(labels) != len(pred):
+                raise InvalidInput(
+                    f"request {rid!r} had {len(pred)} instances; got {len(labels)} labels",
+                    field="label",
+                )
+            encoded = json.dumps(labels)
+            if old is not None:
+                if old != encoded:
+                    raise Conflict(f"request {rid!r} already has a different label")
+                results.append({"request_id": rid, "duplicate": True})
+                continue
+            correct = sum(int(p == lab) for p, lab in zip(pred, labels))
+            updates.append((rid, record["model"], record["version"], len(pred), correct))
+            results.append(
+                {"request_id": rid, "duplicate": False, "correct": correct, "instances": len(pred)}
+            )
+            # Claim the label first: a concurrent duplicate must not count twice.
+            if not await r.hsetnx(keys.prediction(self._ns, rid), "label", encoded):
+                results[-1] = {"request_id": rid, "duplicate": True}
+                updates.pop()
+        await self._count(updates)
+        return results
+
+    async def _count(self, updates: list[tuple[str, str, str, int, int]]) -> None:
+        if not updates:
+            return
+        now = time.time()
+        minute = int(now // 60) * 60
+        second = bucket_start(now)
+        pipe = self._redis().pipeline(transaction=False)
+        for _, model, version, n, correct in updates:
+            acc = keys.accuracy(self._ns, model, version, minute)
+            pipe.hincrby(acc, "n", n)
+            pipe.hincrby(acc, "c", correct)
+            pipe.expire(acc, keys.ACCURACY_TTL_S)
+            stats = keys.stats(self._ns, model, version, second)
+            pipe.hincrby(stats, "ln", n)
+            pipe.hincrby(stats, "lc", correct)
+            pipe.expire(stats, keys.STATS_TTL_S)
+            tags = {"model": model, "version": version}
+            for outcome, count in (("correct", correct), ("incorrect", n - correct)):
+                if count:  # Ray counters take positive increments only
+                    metrics().labels.inc(count, tags={**tags, "outcome": outcome})
+        await pipe.execute()
+
+    async def accuracy(self, model: str, version: str) -> dict[str, float | None]:
+        """Accuracy over each rolling window (None while no label arrived)."""
+        now = int(time.time() // 60) * 60
+        longest = max(ACCURACY_WINDOWS.values())
+        minutes = list(range(now - longest + 60, now + 60, 60))
+        pipe = self._redis().pipeline(transaction=False)
+        for m in minutes:
+            pipe.hmget(keys.accuracy(self._ns, model, version, m), ["n", "c"])
+        rows = await pipe.execute()
+        out: dict[str, float | None] = {}
+        for name, span in ACCURACY_WINDOWS.items():
+            n = c = 0
+            for m, (rn, rc) in zip(minutes, rows):
+                if m > now - span:
+                    n += int(rn or 0)
+                    c += int(rc or 0)
+            out[name] = c / n if n else None
+        return out

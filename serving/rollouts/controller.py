@@ -1,0 +1,401 @@
+"""The rollout controller inside each ingress replica.
+
+- Executes admin commands (start, pause, resume, promote, rollback, set-weight, shadow):
+  deploys or retires version applications and writes the new state to Redis, where
+  every ingress replica's routing tables (serving.rollouts.tables) pick it up.
+- Flushes this replica's per-arm request statistics to Redis once a second.
+- Runs the analysis loop when it holds the leader lock (one replica at a time), so
+  decisions are made once, from the statistics of all replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from serving import keys
+from serving.background import every
+from serving.errors import Conflict, InvalidInput, NotFound
+from serving.observability.metrics import metrics
+from serving.redis_conn import LazyClient
+from serving.rollouts.analysis import Decision, RolloutSpec, RolloutState, analyze
+from serving.rollouts.stats import StatsStore
+from serving.rollouts.table import RoutingTable
+from serving.rollouts.tables import TableRouter
+
+log = logging.getLogger(__name__)
+
+Deploy = Callable[[str, list[str]], Awaitable[None]]  # model, versions to have running
+Retire = Callable[[str, list[str]], Awaitable[None]]  # model, versions to remove
+
+
+class RolloutController:
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str,
+        defaults: dict[str, str],
+        deploy: Deploy,
+        retire: Retire,
+        *,
+        propagation_s: float = 1.5,
+    ) -> None:
+        self._ns = namespace
+        self._redis = LazyClient(redis_url)
+        # What the data plane reads: the routing tables and the statistics recorder.
+        self.router = TableRouter(self._redis, namespace, defaults)
+        self.stats = StatsStore(self._redis, namespace)
+        self._deploy = deploy
+        self._retire = retire
+        self._propagation_s = propagation_s
+        self._id = uuid.uuid4().hex
+        self._tasks: list[asyncio.Task[None]] = []
+        self._op_lock: asyncio.Lock | None = None  # made inside the running loop
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def ensure_started(self) -> None:
+        """Start the background loops once, from the running event loop: the routing
+        tables', the statistics flush and the analysis."""
+        if self._op_lock is not None:
+            return
+        self._op_lock = asyncio.Lock()
+        await self.router.ensure_started()
+        for coro in (
+            every(1.0, self.stats.flush, "flushing rollout statistics"),
+            every(0.5, self._analyze, "rollout analysis"),
+        ):
+            self._tasks.append(asyncio.create_task(coro))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self.router.close()
+        await self._redis.aclose()
+
+    # ---- state -----------------------------------------------------------------------
+    async def _state(self, model: str) -> RolloutState:
+        return _parse_state(model, await self._redis().get(keys.rollout(self._ns, model)))
+
+    async def _save(
+        self, table: RoutingTable, state: RolloutState, decision: Decision | None
+    ) -> None:
+        table = table.model_copy(update={"revision": self.router.tables[table.model].revision + 1})
+        pipe = self._redis().pipeline(transaction=True)
+        pipe.set(keys.routing(self._ns, table.model), table.model_dump_json())
+        pipe.set(keys.rollout(self._ns, table.model), state.model_dump_json())
+        if decision is not None:
+            pipe.lpush(keys.history(self._ns, table.model), decision.model_dump_json())
+            pipe.ltrim(keys.history(self._ns, table.model), 0, keys.HISTORY_MAX - 1)
+        pipe.publish(keys.routing_channel(self._ns), table.model)
+        await pipe.execute()
+        self.router.put(table)
+        self.router.export(table.model, state.status)
+        if decision is not None:
+            metrics().rollout_decisions.inc(
+                1, tags={"model": table.model, "action": decision.action}
+            )
+            log.info("rollout %s: %s (%s)", table.model, decision.action, decision.reason)
+
+    def _table(self, model: str) -> RoutingTable:
+        table = self.router.tables.get(model)
+        if table is None:
+            raise NotFound(f"model {model!r} not found", field="model")
+        return table
+
+    # ---- commands --------------------------------------------------------------------
+    async def run(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One admin command, serialised per replica."""
+        await self.ensure_started()
+        assert self._op_lock is not None
+        async with self._op_lock:
+            await self.router.reload([model])
+            handler = {
+                "start": self._start,
+                "pause": self._pause,
+                "resume": self._resume,
+                "promote": self._promote_cmd,
+                "rollback": self._rollback_cmd,
+                "set_weight": self._set_weight,
+                "shadow": self._shadow,
+            }.get(action)
+            if handler is None:
+                raise InvalidInput(f"unknown action {action!r}", field="action")
+            await handler(model, body)
+        return await self.status(model)
+
+    def _decision(
+        self,
+        action: Any,
+        actor: Any,
+        reason: str,
+        weight: float,
+        figures: dict[str, Any] | None = None,
+    ) -> Decision:
+        return Decision(
+            ts=time.time(),
+            action=action,
+            actor=actor,
+            reason=reason,
+            weight=weight,
+            figures=figures or {},
+        )
+
+    async def _start(self, model: str, body: dict[str, Any]) -> None:
+        table = self._table(model)
+        try:
+            spec = RolloutSpec.model_validate(body)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        state = await self._state(model)
+        if state.status in ("running", "paused"):
+            raise Conflict(
+                f"a rollout of {model} to {state.spec.to if state.spec else '?'} "
+                "is in progress; promote or roll it back first"
+            )
+        if spec.to == table.stable:
+            raise InvalidInput(f"{spec.to} is already the stable version", field="to")
+        await self._deploy(model, [table.stable, spec.to])  # stable keeps serving meanwhile
+        now = time.time()
+        new_table = table.model_copy(
+            update={
+                "canary": spec.to,
+                "canary_weight": spec.steps[0],
+                "sticky_key": spec.sticky_key,
+            }
+        )
+        state = RolloutState(
+            model=model, status="running", spec=spec, stable=table.stable, step=0, window_start=now
+        )
+        await self._save(
+            new_table,
+            state,
+            self._decision(
+                "start",
+                "admin",
+                f"canary {spec.to} deployed; {spec.steps[0]:g}% of traffic",
+                spec.steps[0],
+            ),
+        )
+
+    async def _pause(self, model: str, body: dict[str, Any]) -> None:
+        state = await self._require(model, ("running",))
+        state.status = "paused"
+        table = self._table(model)
+        await self._save(
+            table,
+            state,
+            self._decision("pause", "admin", "analysis paused; weights kept", table.canary_weight),
+        )
+
+    async def _resume(self, model: str, body: dict[str, Any]) -> None:
+        state = await self._require(model, ("paused",))
+        state.status, state.window_start = "running", time.time()
+        table = self._table(model)
+        await self._save(
+            table, state, self._decision("resume", "admin", "analysis resumed", table.canary_weight)
+        )
+
+    async def _require(self, model: str, statuses: tuple[str, ...]) -> RolloutState:
+        state = await self._state(model)
+        if state.status not in statuses:
+            raise Conflict(
+                f"no rollout of {model} is {' or '.join(statuses)} (status {state.status})"
+            )
+        return state
+
+    async def _promote_cmd(self, model: str, body: dict[str, Any]) -> None:
+        await self.promote(model, "admin", "promoted by an operator")
+
+    async def _rollback_cmd(self, model: str, body: dict[str, Any]) -> None:
+        await self.rollback(model, "admin", "rolled back by an operator")
+
+    async def promote(
+        self, model: str, actor: str, reason: str, figures: dict[str, Any] | None = None
+    ) -> None:
+        """The canary becomes stable; the old stable's replicas are retired once every
+        ingress has the new table (in-flight requests finish on the old replicas)."""
+        table = self._table(model)
+        if table.canary is None:
+            raise Conflict(f"{model} has no canary to promote")
+        state = await self._state(model)
+        old = table.stable
+        new_table = table.model_copy(
+            update={"stable": table.canary, "canary": None, "canary_weight": 0.0}
+        )
+        state.status, state.stable = "completed", table.canary
+        action = "complete" if actor == "auto" else "promote"
+        await self._save(new_table, state, self._decision(action, actor, reason, 100.0, figures))
+        await asyncio.sleep(self._propagation_s)
+        if old not in new_table.versions():
+            await self._retire(model, [old])
+
+    async def rollback(
+        self, model: str, actor: str, reason: str, figures: dict[str, Any] | None = None
+    ) -> None:
+        table = self._table(model)
+        if table.canary is None:
+            raise Conflict(f"{model} has no canary to roll back")
+        state = await self._state(model)
+        canary = table.canary
+        new_table = table.model_copy(update={"canary": None, "canary_weight": 0.0})
+        state.status = "rolled_back"
+        await self._save(new_table, state, self._decision("rollback", actor, reason, 0.0, figures))
+        await asyncio.sleep(self._propagation_s)
+        if canary not in new_table.versions():
+            await self._retire(model, [canary])
+
+    async def _set_weight(self, model: str, body: dict[str, Any]) -> None:
+        table = self._table(model)
+        if table.canary is None:
+            raise Conflict(f"{model} has no canary; start a rollout first")
+        try:
+            pct = float(body["percent"])
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInput("set_weight needs 'percent' (0-100)", field="percent") from None
+        if not 0 <= pct <= 100:
+            raise InvalidInput("percent must be within 0-100", field="percent")
+        state = await self._state(model)
+        await self._save(
+            table.model_copy(update={"canary_weight": round(pct, 2)}),
+            state,
+            self._decision("set_weight", "admin", f"canary weight set to {pct:g}%", pct),
+        )
+
+    async def _shadow(self, model: str, body: dict[str, Any]) -> None:
+        table = self._table(model)
+        state = await self._state(model)
+        if body.get("off"):
+            old = table.shadow
+            await self._save(
+                table.model_copy(update={"shadow": None, "shadow_sample": 0.0}),
+                state,
+                self._decision("shadow", "admin", "shadow off", table.canary_weight),
+            )
+            if old is not None and old not in self.router.tables[model].versions():
+                await asyncio.sleep(self._propagation_s)
+                await self._retire(model, [old])
+            return
+        version, sample = body.get("version"), body.get("sample")
+        if not isinstance(version, str) or not isinstance(sample, (int, float)):
+            raise InvalidInput("shadow needs 'version' and 'sample' (0-1), or 'off'")
+        if not 0 < sample <= 1:
+            raise InvalidInput("sample must be within (0, 1]", field="sample")
+        if version == table.stable:
+            raise InvalidInput("the shadow must differ from the stable version", field="version")
+        await self._deploy(model, sorted(table.versions() | {version}))
+        await self._save(
+            table.model_copy(update={"shadow": version, "shadow_sample": sample}),
+            state,
+            self._decision(
+                "shadow",
+                "admin",
+                f"shadow {version} on {sample:.0%} of requests",
+                table.canary_weight,
+            ),
+        )
+
+    async def status(self, model: str) -> dict[str, Any]:
+        await self.ensure_started()
+        table = self._table(model)
+        # Table and state from one read: a decision writes both in one transaction, so
+        # they agree (this replica's copy of the table may lag a decision by a moment).
+        doc, raw_state, analyzed = await self._redis().mget(
+            [
+                keys.routing(self._ns, model),
+                keys.rollout(self._ns, model),
+                keys.analyzed(self._ns, model),
+            ]
+        )
+        if doc:
+            table = RoutingTable.model_validate_json(doc)
+        state = _parse_state(model, raw_state)
+        history = [
+            Decision.model_validate_json(d).model_dump()
+            for d in await self._redis().lrange(keys.history(self._ns, model), 0, 49)
+        ]
+        now = time.time()
+        start = state.window_start if state.status == "running" else now - 60
+        figures = {
+            v: (await self.stats.window(model, v, start, now)).summary()
+            for v in sorted(table.versions())
+        }
+        return {
+            "model": model,
+            "routing": table.model_dump(),
+            "rollout": state.model_dump(),
+            "window": {"since": start, "figures": figures},
+            # When the analysis last looked at this rollout, and which ingress replica
+            # (the leader) did: a running rollout whose analysis stopped shows here.
+            "analysis": json.loads(analyzed) if analyzed else None,
+            "history": history,
+        }
+
+    # ---- analysis ----------------------------------------------------------------------
+    async def _leader(self) -> bool:
+        r = self._redis()
+        key = keys.leader(self._ns)
+        if await r.set(key, self._id, nx=True, px=keys.LEADER_TTL_MS):
+            return True
+        if await r.get(key) == self._id:
+            await r.pexpire(key, keys.LEADER_TTL_MS)
+            return True
+        return False
+
+    async def _analyze(self) -> None:
+        if await self._leader():
+            for model in list(self.router.tables):
+                await self._tick(model)
+
+    async def _tick(self, model: str) -> None:
+        assert self._op_lock is not None
+        async with self._op_lock:
+            state = await self._state(model)
+            if state.status != "running" or state.spec is None:
+                return
+            now = time.time()
+            await self._redis().set(
+                keys.analyzed(self._ns, model),
+                json.dumps({"at": now, "leader": self._id[:12]}),
+                ex=keys.STATS_TTL_S,
+            )
+            if now - state.window_start < state.spec.interval_s:
+                return
+            table = self._table(model)
+            if table.canary is None:
+                return
+            canary = await self.stats.window(model, table.canary, state.window_start, now)
+            stable = await self.stats.window(model, table.stable, state.window_start, now)
+            action, reason = analyze(state.spec, state.step, canary, stable)
+            figures = {"canary": canary.summary(), "stable": stable.summary()}
+            if action == "rollback":
+                await self.rollback(model, "auto", reason, figures)
+            elif action == "complete":
+                await self.promote(model, "auto", reason, figures)
+            elif action == "advance":
+                state.step += 1
+                state.window_start = now
+                weight = state.spec.steps[state.step]
+                await self._save(
+                    table.model_copy(update={"canary_weight": weight}),
+                    state,
+                    self._decision(
+                        "advance", "auto", f"{reason}; now {weight:g}%", weight, figures
+                    ),
+                )
+            else:  # hold: the window keeps growing; record the first hold only
+                last = await self._redis().lindex(keys.history(self._ns, model), 0)
+                if last is None or Decision.model_validate_json(last).action != "hold":
+                    await self._save(
+                        table,
+                        state,
+                        self._decision("hold", "auto", reason, table.canary_weight, figures),
+                    )
+
+
+def _parse_state(model: str, doc: str | bytes | None) -> RolloutState:
+    return RolloutState.model_validate_json(doc) if doc else RolloutState(model=model)

@@ -1,0 +1,237 @@
+"""Direct HTTP: the ingress replica serves its FastAPI app on the gateway's port itself.
+
+Ray Serve's proxy adds a Ray hop (milliseconds on a small machine) before the ingress
+replica sees a request. In `direct` mode (the default) every ingress replica runs a
+uvicorn server on SERVING_HTTP_HOST:SERVING_HTTP_PORT with SO_REUSEPORT, so the kernel
+spreads connections over the replicas of a node and no proxy sits in between; Ray's
+proxy still runs, on SERVING_RAY_PROXY_PORT, for Ray-native clients and health checks.
+The server lives exactly as long as the app (started and stopped by its lifespan, on the
+replica's event loop), like the gRPC server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+from serving.transport.context import REQUEST_ID, new_request_id
+from serving.transport.http import ARRIVAL, WRITE
+
+log = logging.getLogger(__name__)
+
+FastPath = Callable[[Any, Any, Any], Awaitable[bool]]  # ASGI; False: not taken
+_REQUEST_ID = REQUEST_ID.encode()
+
+
+class RequestIdMiddleware:
+    """What Ray Serve's proxy does for requests it forwards: make sure the request has an
+    `x-request-id` (generated when the client sent none) and echo it in the response.
+
+    Requests the app's `state.fast_path` takes (the v1 predict and v2 infer routes; see
+    serving.transport.http.FastRoutes) are answered by it directly, the rest by the app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.fast_path: FastPath | None = getattr(getattr(app, "state", None), "fast_path", None)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Server-Timing's `http` stage starts when the request's first bytes were read
+        # (ArrivalStampingProtocol); here only for a server that does not stamp.
+        scope.setdefault(ARRIVAL, time.perf_counter())
+        headers = scope.get("headers", [])
+        rid = next((v for k, v in headers if k == _REQUEST_ID), None)
+        if rid is None:
+            rid = new_request_id().encode()
+            scope = {**scope, "headers": [*headers, (_REQUEST_ID, rid)]}
+        echo = (_REQUEST_ID, rid)
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), echo]}
+            await send(message)
+
+        write = scope.get(WRITE)
+        if write is not None:  # the one-write answers echo it too
+
+            async def write_with_id(
+                status: int, headers: list[Any], body: bytes, timing: Any = None
+            ) -> None:
+                await write(status, [*headers, echo], body, timing)
+
+            scope[WRITE] = write_with_id
+
+        if self.fast_path is not None and await self.fast_path(scope, receive, send_with_id):
+            return
+        scope.pop(WRITE, None)  # the app answers through ASGI send (and formats its headers)
+        await self.app(scope, receive, send_with_id)
+
+
+class ArrivalStampingProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, noting when each request's first bytes came off the
+    socket. Parsing, the task uvicorn creates per request and any wait for the event
+    loop (busy with other requests or the replica's own work) then fall inside the
+    `http` stage instead of outside every stage."""
+
+    _read_at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self._read_at = time.perf_counter()
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[ARRIVAL] = self._read_at  # type: ignore[literal-required]
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and _cycle_is_known(cycle):
+            self.scope[WRITE] = functools.partial(_write_whole, cycle)  # type: ignore[literal-required]
+
+
+# The uvicorn cycle state _write_whole reads and sets. A uvicorn whose cycle lacks any
+# of it (checked once) keeps answering through ASGI `send`, as any app's answers do.
+_CYCLE_FIELDS = (
+    "flow",
+    "transport",
+    "default_headers",
+    "keep_alive",
+    "disconnected",
+    "response_started",
+    "response_complete",
+    "message_event",
+    "on_response",
+)
+_cycle_known: bool | None = None
+
+
+def _cycle_is_known(cycle: RequestResponseCycle) -> bool:
+    global _cycle_known
+    if _cycle_known is None:
+        _cycle_known = all(hasattr(cycle, f) for f in _CYCLE_FIELDS)
+        if not _cycle_known:
+            log.warning("unexpected uvicorn request cycle; answers go through ASGI send")
+    return _cycle_known
+
+
+async def _write_whole(
+    cycle: RequestResponseCycle,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    timing: Callable[[], bytes] | None = None,
+) -> None:
+    """Status line, headers and body in one write, leaving uvicorn's cycle as its own
+    `send` would after a complete response (keep-alive, flow control, next pipelined
+    request). The headers are ours (no validation pass); the body has a content-length.
+    `timing` gives the Server-Timing value, asked for once the rest is assembled."""
+    if cycle.flow.write_paused and not cycle.disconnected:
+        await cycle.flow.drain()
+    if cycle.disconnected:
+        return
+    if cycle.response_started:
+        raise RuntimeError("the response has already started")
+    cycle.response_started = True
+    content = [STATUS_LINE[status]]
+    for name, value in (*cycle.default_headers, *headers):
+        content += (name, b": ", value, b"\r\n")
+    if not cycle.keep_alive:
+        content.append(b"connection: close\r\n")
+    if timing is not None:
+        content += (b"server-timing: ", timing(), b"\r\n")
+    content += (b"\r\n", body)
+    cycle.transport.write(b"".join(content))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Signals belong to Ray's replica process, not to this embedded server.
+        yield
+
+
+class DirectHttpServer:
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        self._app = app
+        self.host, self.port = host, port
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"HTTP cannot listen on {self.host}:{self.port}: {exc}") from None
+        sock.listen(2048)
+        sock.setblocking(False)
+        config = uvicorn.Config(
+            RequestIdMiddleware(self._app),
+            lifespan="off",  # the app's lifespan is Ray's to run; it starts this server
+            access_log=False,
+            log_level="warning",
+            timeout_keep_alive=75,
+            http=ArrivalStampingProtocol,
+        )
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        for _ in range(500):  # started within 5 s, or the task's error surfaces
+            if self._server.started or self._task.done():
+                break
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()
+        log.info("HTTP listening on %s:%d (direct)", self.host, self.port)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(self._task, grace_s)
+        except TimeoutError:
+            self._server.force_exit = True
+            self._task.cancel()
+        self._server = self._task = None
+
+
+Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def with_server(lifespan: Lifespan, server: Any) -> Lifespan:
+    """Wrap an ASGI app's lifespan so `server` (with async start/stop) lives as long."""
+
+    @contextlib.asynccontextmanager
+    async def both(app: Any) -> AsyncIterator[Any]:
+        await server.start()
+        try:
+            async with lifespan(app) as state:
+                yield state
+        finally:
+            await server.stop()
+
+    return both

@@ -1,0 +1,204 @@
+"""The direct HTTP server's arrival stamp (uvicorn in this process; no Ray, no Redis).
+
+Server-Timing's `http` stage runs from the stamp to our handler: it must start when the
+request's first bytes were read, so that a request whose body comes late, or which waits
+for a busy event loop, shows that time inside a stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from serving.transport.direct_http import DirectHttpServer
+from serving.transport.http import ARRIVAL
+from tests.conftest import free_port
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the arrival stamp and when the handler got the whole body."""
+    while (await receive()).get("more_body", False):
+        pass
+    body = json.dumps({"arrival": scope[ARRIVAL], "handler": time.perf_counter()}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def exchange(port: int, parts: list[bytes], pause_s: float) -> tuple[float, dict[str, Any]]:
+    """Send a request in parts with a pause between them; returns when the first part
+    was written and the decoded answer (plus its x-request-id)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        first_sent = time.perf_counter()
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(pause_s)
+            writer.write(part)
+            await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if b": " in line)
+        body = await reader.readexactly(int(headers[b"content-length"]))
+        out: dict[str, Any] = json.loads(body)
+        out["rid"] = headers.get(b"x-request-id")
+        return first_sent, out
+    finally:
+        writer.close()
+
+
+async def test_arrival_is_when_the_first_bytes_were_read() -> None:
+    server = DirectHttpServer(app, "127.0.0.1", free_port())
+    await server.start()
+    try:
+        # uvicorn calls the app once the headers are complete: split them, so that a
+        # stamp taken by the app (or middleware) would come a pause too late.
+        line, rest = b"POST /x HTTP/1.1\r\nhost: t\r\n", b"content-length: 4\r\n\r\n"
+        sent, got = await exchange(server.port, [line, rest, b"abcd"], pause_s=0.1)
+        # The stamp is the first read, not the handler's start after the late parts.
+        assert sent <= got["arrival"] < sent + 0.05
+        assert got["handler"] - got["arrival"] >= 0.19
+        assert got["rid"]  # the middleware still adds a request id
+        # A second request on a new connection gets its own stamp.
+        sent2, got2 = await exchange(server.port, [line + rest + b"abcd"], pause_s=0)
+        assert sent2 <= got2["arrival"] < sent2 + 0.05 and got2["arrival"] > got["handler"]
+    finally:
+        await server.stop()
+
+
+async def test_fast_routes_take_only_their_post_paths() -> None:
+    from fastapi.responses import Response
+
+    from serving.transport.http import FastRoutes
+    from serving.transport.rest_v1 import PREDICT, PREDICT_VERSION
+    from serving.transport.rest_v2 import INFER
+
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def handler(tag: str) -> Any:
+        async def answer(request: Any, params: dict[str, str]) -> Response:
+            seen.append((tag, params))
+            return Response(b"ok")
+
+        return answer
+
+    def on_error(request: Any, exc: Exception) -> Response:
+        raise AssertionError(f"no route here fails: {exc!r}")
+
+    fast = FastRoutes()
+    fast.add(PREDICT, handler("v1"), on_error)
+    fast.add(PREDICT_VERSION, handler("v1-version"), on_error)
+    fast.add(INFER, handler("v2"), on_error)
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def take(method: str, path: str) -> bool:
+        scope = {"type": "http", "method": method, "path": path, "headers": []}
+        return await fast(scope, receive, send)
+
+    assert await take("POST", "/v1/models/fraud:predict")
+    assert await take("POST", "/v1/models/fraud/versions/v2:predict")
+    assert await take("POST", "/v2/models/digits/infer")
+    assert seen == [
+        ("v1", {"name": "fraud"}),
+        ("v1-version", {"name": "fraud", "version": "v2"}),
+        ("v2", {"name": "digits"}),
+    ]
+    # Anything else is left to FastAPI.
+    assert not await take("GET", "/v1/models/fraud:predict")
+    assert not await take("POST", "/v1/models/a/b:predict")
+    assert not await take("POST", "/v1/models/fraud:predicted")
+    assert not await take("POST", "/v1/feedback")
+    assert len(seen) == 3 and sent[0]["status"] == 200
+
+
+class _FastApp:
+    """An ASGI app with a fast path, as serving.transport.http_app.build_http_app makes one."""
+
+    def __init__(self) -> None:
+        from fastapi.responses import Response
+
+        from serving.transport.http import FastRoutes, context, timing_header
+        from serving.transport.rest_v1 import error_response
+
+        async def answer(request: Any, params: dict[str, str]) -> Response:
+            ctx = context(request, "http")
+            body = await request.body()
+            t_enc = time.perf_counter()
+            timings = {"decode": 0.0}
+            response = Response(b'{"echo":"' + body + b'"}', media_type="application/json")
+            response.headers["server-timing"] = timing_header(request, ctx, timings, t_enc)
+            return response
+
+        self.state = type("State", (), {})()
+        self.state.fast_path = FastRoutes()
+        self.state.fast_path.add("/echo/{name}", answer, error_response)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 404, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = dict(line.lower().split(b": ", 1) for line in lines[1:] if b": " in line)
+    body = await reader.readexactly(int(headers[b"content-length"]))
+    return lines[0], headers, body
+
+
+async def test_fast_route_answers_in_one_write_on_a_kept_alive_connection() -> None:
+    server = DirectHttpServer(_FastApp(), "127.0.0.1", free_port())
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for i in range(3):  # keep-alive: the connection serves one request after another
+            sent = time.perf_counter()
+            body = b"x%d" % i
+            writer.write(
+                b"POST /echo/a HTTP/1.1\r\nhost: t\r\nx-request-id: r%d\r\n"
+                b"content-length: %d\r\n\r\n" % (i, len(body)) + body
+            )
+            status, headers, got = await read_answer(reader)
+            took_ms = (time.perf_counter() - sent) * 1000
+            assert status == b"HTTP/1.1 200 OK" and got == b'{"echo":"x%d"}' % i
+            assert headers[b"x-request-id"] == b"r%d" % i
+            assert headers[b"content-type"] == b"application/json" and b"date" in headers
+            stages = dict(
+                part.strip().split(b";dur=") for part in headers[b"server-timing"].split(b",")
+            )
+            # `total` runs from the first read to just before the write: within the
+            # client's own measurement, and it includes every stage.
+            total = float(stages.pop(b"total"))
+            assert sum(float(v) for v in stages.values()) <= total + 1e-3 < took_ms
+        # A request asking to close gets its answer, then the connection closes.
+        writer.write(
+            b"POST /echo/b HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-length: 1\r\n\r\nz"
+        )
+        status, headers, got = await read_answer(reader)
+        assert got == b'{"echo":"z"}' and headers[b"connection"] == b"close"
+        assert await reader.read() == b""
+        writer.close()
+        # Other requests still go to the app.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /echo/a HTTP/1.1\r\nhost: t\r\n\r\n")
+        status, _, _ = await read_answer(reader)
+        assert status == b"HTTP/1.1 404 Not Found"
+        writer.close()
+    finally:
+        await server.stop()

@@ -1,0 +1,53 @@
+import math
+
+import pytest
+
+from serving.rollouts.analysis import RolloutSpec, analyze
+from serving.rollouts.stats import ArmStats, StatsRecorder
+
+
+def arm(n: int, errors: int = 0, latency_s: float = 0.004) -> ArmStats:
+    rec = StatsRecorder()
+    for i in range(n):
+        rec.request("m", "v", latency_s, error=i < errors)
+    return rec.drain()[("m", "v")]
+
+
+SPEC = RolloutSpec(
+    to="v2", steps=[5, 50, 100], min_requests=50, max_error_rate=0.02, max_p99_ms=100
+)
+
+
+def test_no_decision_before_min_requests_on_each_arm() -> None:
+    action, reason = analyze(SPEC, 0, arm(49, errors=49), arm(500))
+    assert action == "hold" and "canary 49" in reason
+    assert analyze(SPEC, 0, arm(500), arm(10))[0] == "hold"
+
+
+def test_error_rate_and_latency_roll_back() -> None:
+    action, reason = analyze(SPEC, 0, arm(100, errors=10), arm(100))
+    assert action == "rollback" and "error rate 10.00% > max 2.00%" in reason
+    action, reason = analyze(SPEC, 0, arm(100, latency_s=0.4), arm(100))
+    assert action == "rollback" and "p99 500 ms > max 100 ms" in reason
+
+
+def test_healthy_canary_advances_then_completes() -> None:
+    assert analyze(SPEC, 0, arm(100), arm(100))[0] == "advance"
+    assert analyze(SPEC, 1, arm(100), arm(100))[0] == "advance"
+    assert analyze(SPEC, 2, arm(100), arm(100))[0] == "complete"
+
+
+def test_p99_estimate_and_serialisation() -> None:
+    s = arm(100, latency_s=0.004)
+    assert s.p99_ms() == 5.0
+    s.add(arm(5, latency_s=10.0))
+    assert s.p99_ms() == math.inf
+    back = ArmStats.from_fields({k: str(v) for k, v in s.to_fields().items()})
+    assert (back.n, back.errors, back.hist) == (s.n, s.errors, s.hist)
+
+
+def test_steps_must_increase() -> None:
+    with pytest.raises(ValueError):
+        RolloutSpec(to="v2", steps=[50, 5])
+    with pytest.raises(ValueError):
+        RolloutSpec(to="v2", steps=[0, 50])
