@@ -57,11 +57,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # A version whose batch of one runs faster than this (measured at start-up) answers a
     # request that finds it idle on the event loop itself: handing the work to the
-    # inference thread and back costs ~0.1 ms, more than such a model takes. 0: never.
+    # inference thread and back costs more than such a model takes. 0: never.
     inline_infer_max_ms: float = Field(default=0.2, ge=0)
 
-    # Prefix of every key the gateway keeps in Redis: features ("<ns>:fv:<view>:<id>"),
-    # routing and rollout state, statistics, prediction records. SERVING_FEATURE_NAMESPACE,
+    # Prefix of every key the gateway keeps in Redis (serving.keys): features, routing
+    # and rollout state, statistics, prediction records. SERVING_FEATURE_NAMESPACE,
     # its first name, is still read when SERVING_REDIS_NAMESPACE is not set.
     redis_namespace: str = Field(
         default="serving",

@@ -4,23 +4,33 @@ stale or unreachable (`default`: defaults and a degraded answer; `reject`: 503/4
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from serving.errors import FeatureStoreUnavailable, InvalidInput, ServingError
-from serving.features.spec import build_vectors
-from serving.features.store import Problem, RedisFeatureStore
+from serving.features.spec import FeatureConfig, build_vectors
+from serving.features.store import Problem, RedisFeatureStore, Stored
 from serving.models.registry import Arrays, Manifest
 from serving.settings import Settings
 
 
+class FeatureSource(Protocol):
+    """Stored features for each record and view (None where absent), and the entities
+    that were not a fresh hit: one round trip, under its own deadline."""
+
+    async def lookup(
+        self, cfg: FeatureConfig, raw: Sequence[Mapping[str, Any]]
+    ) -> tuple[Stored, list[Problem]]: ...
+
+
 class FeatureStep:
-    def __init__(self, settings: Settings, store: RedisFeatureStore | None = None) -> None:
+    def __init__(self, settings: Settings, store: FeatureSource | None = None) -> None:
         self._settings = settings
         self._store = store  # made on first use, inside the running loop
         # Column plan of each version's input: resolved once per version.
         self._columns: dict[tuple[str, str], list[tuple[str, str, float]]] = {}
 
-    def store(self) -> RedisFeatureStore:
+    def store(self) -> FeatureSource:
         if self._store is None:
             s = self._settings
             self._store = RedisFeatureStore(

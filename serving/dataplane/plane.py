@@ -21,13 +21,12 @@ from serving.dataplane.decode import (
     tensors_to_records,
     validate_tensors,
 )
-from serving.dataplane.features import FeatureStep
+from serving.dataplane.features import FeatureSource, FeatureStep
 from serving.dataplane.hooks import AfterPredict, PredictionRecords, RequestStats
 from serving.dataplane.invoke import HandleFactory, VersionCaller
 from serving.dataplane.monitor import Accuracy, Monitor
 from serving.dataplane.routing import Arm, Catalog, Router, StaticRouter
 from serving.errors import Overloaded, ServingError
-from serving.features.store import RedisFeatureStore
 from serving.models.registry import Arrays, Manifest
 from serving.settings import DeploymentFile, Settings
 
@@ -77,7 +76,7 @@ class DataPlane:
         stats: RequestStats | None = None,
         records: PredictionRecords | None = None,
         accuracy: Accuracy | None = None,
-        features: RedisFeatureStore | None = None,
+        features: FeatureSource | None = None,
     ) -> None:
         self._settings = settings
         router = router or StaticRouter({m: c.default for m, c in dep.models.items()})

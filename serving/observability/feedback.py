@@ -59,7 +59,7 @@ class FeedbackStore:
                 every(FLUSH_EVERY_S, self.flush, "writing prediction records")
             )
         values = labels.tolist()
-        if len(values) == 1:  # the common case, without np.unique's ~10 µs
+        if len(values) == 1:  # the common case, without np.unique
             counted: Iterable[tuple[Any, int]] = ((values[0], 1),)
         else:
             classes, counts = np.unique(labels, return_counts=True)

@@ -281,7 +281,7 @@ def test_every_dashboard_query_returns_data(gateway: GatewayUnderTest, prometheu
     rollout = f"{gateway.url}/admin/v1/models/fraud/rollout"
     for _ in range(3):
         predict(gateway, "fraud", "v2", recs)
-    for _ in range(2):
+    for round_ in range(2):
         on = {"action": "shadow", "version": "v1", "sample": 1.0}
         r = httpx.post(rollout, headers=gateway.admin(), json=on, timeout=120)
         assert r.status_code == 200, r.text
@@ -294,7 +294,9 @@ def test_every_dashboard_query_returns_data(gateway: GatewayUnderTest, prometheu
         # A client error and a degraded answer (unknown entity).
         httpx.post(f"{gateway.url}/v1/models/fraud:predict", json={"instances": [{}]})
         predict(gateway, "fraud", "v2", [{**recs[0], "user_id": "u-none"}])
-        time.sleep(3)
+        if round_ == 0:  # Prometheus sees the counters once before the second round
+            for counter in ("shadow_requests_total", "degraded_responses_total"):
+                assert wait_query(prometheus, f'sum(ray_serving_{counter}{{model="fraud"}})')
     rid = predict(
         gateway,
         "digits",

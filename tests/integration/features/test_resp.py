@@ -166,7 +166,9 @@ async def test_a_connect_attempt_everyone_gave_up_on_is_not_reused() -> None:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await mux.execute([("PING",)])
-        await asyncio.sleep(0.4)  # the attempt times out, with nobody waiting
+        async with asyncio.timeout(5):  # the attempt times out, with nobody waiting
+            while mux._opening is not None:
+                await asyncio.sleep(0.01)
         answering = True
         assert await mux.execute([("PING",)]) == ["PONG"]
     finally:

@@ -73,3 +73,38 @@ def test_a_forked_child_draws_its_own_prefix() -> None:
     os.close(r)
     assert len(child) == 32
     assert child[:20] != new_request_id()[:20]
+
+
+def test_closing_puts_the_way_in_first_and_ends_encode_and_total_now() -> None:
+    from serving.transport.context import RequestContext
+
+    arrived = time.perf_counter() - 0.010
+    ns = time.time_ns() - 15_000_000  # sent 15 ms ago, read 10 ms ago
+    ctx = RequestContext(
+        "r", "http", {"x-request-start": f"t={ns}"}, arrived + 0.004, arrived, "http"
+    )
+    timings = {"decode": 0.001, "infer": 0.002, "total": 0.003}
+    ctx.close_stages(timings, time.perf_counter() - 0.001)
+    assert list(timings) == ["inbound", "http", "decode", "infer", "total", "encode"]
+    assert 0.0045 < timings["inbound"] < 0.0075
+    assert abs(timings["http"] - 0.004) < 1e-9
+    assert timings["encode"] >= 0.001 and timings["total"] >= 0.010
+    # gRPC: no stage between arrival and the handler, no stamp: no lead at all.
+    grpc = RequestContext("r", "grpc", {}, arrived, arrived)
+    timings = {"decode": 0.001}
+    grpc.close_stages(timings, time.perf_counter())
+    assert list(timings) == ["decode", "encode", "total"]
+
+
+def test_the_smallest_deadline_wins_and_the_body_id_keys_the_record() -> None:
+    from serving.transport.context import RequestContext
+
+    ctx = RequestContext("header-id", "v2", {}, 0.0, 0.0, timeout_s=2.0)
+    ctx.lower_timeout(None)
+    ctx.lower_timeout(5.0)
+    assert ctx.timeout_s == 2.0
+    ctx.lower_timeout(0.5)
+    assert ctx.timeout_s == 0.5
+    assert ctx.record_id == "header-id"
+    ctx.body_id = "body-id"
+    assert ctx.record_id == "body-id"
