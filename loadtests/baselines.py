@@ -64,6 +64,7 @@ def manifest(registry: Path, model: str, version: str) -> Manifest:
     return Registry(registry).get(model, version).manifest
 
 
-def runtime(registry: Path, model: str, version: str) -> Runtime:
+def runtime(registry: Path, model: str, version: str, device: str = "cpu") -> Runtime:
     """The same runtime, with the same thread settings, as the gateway's replicas."""
-    return load_runtime(Registry(registry).get(model, version), RuntimeOptions(device="cpu"))
+    opts = RuntimeOptions(device="cuda" if device == "cuda" else "cpu")
+    return load_runtime(Registry(registry).get(model, version), opts)

@@ -18,6 +18,7 @@ from loadtests.loadgen import percentile
 from loadtests.scenarios import REGISTRY, Scenario
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GPU_BATCH_SIZES = (*BATCH_SIZES, 512, 1024, 2048)
 
 
 def _rows(registry: Path, model: str, n: int) -> np.ndarray:
@@ -29,11 +30,13 @@ def _rows(registry: Path, model: str, n: int) -> np.ndarray:
 def measure(
     scenario: Scenario, seconds_per_size: float, registry: Path = REGISTRY
 ) -> dict[str, Any]:
-    rt = baselines.runtime(registry, scenario.model, scenario.version)
+    device = "cuda" if scenario.gpu else "cpu"
+    rt = baselines.runtime(registry, scenario.model, scenario.version, device)
     spec = baselines.manifest(registry, scenario.model, scenario.version).inputs[0]
-    rows = _rows(registry, scenario.model, max(BATCH_SIZES)).astype(spec.dtype)
+    batch_sizes = GPU_BATCH_SIZES if scenario.gpu else BATCH_SIZES
+    rows = _rows(registry, scenario.model, max(batch_sizes)).astype(spec.dtype)
     sizes: list[dict[str, Any]] = []
-    for bs in BATCH_SIZES:
+    for bs in batch_sizes:
         batch = {spec.name: np.ascontiguousarray(rows[:bs])}
         for _ in range(3):
             rt.predict(batch)

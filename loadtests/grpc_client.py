@@ -32,7 +32,8 @@ def _identity(x: bytes) -> bytes:
 
 
 class GrpcClient:
-    """`path` is the model name; its default version answers, as over HTTP."""
+    """`path` is the model name (its default version answers, as over HTTP), or
+    `model/version`."""
 
     def __init__(self, channel: grpc.Channel, requests: list[bytes], flag: bytes | None):
         self._channel = channel
@@ -53,10 +54,11 @@ class GrpcClient:
         from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
         from serving.transport import oip
 
+        model, _, version = model.partition("/")
         channel = grpc.insecure_channel(f"{host}:{port}")
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         meta = await asyncio.to_thread(
-            stub.ModelMetadata, pb.ModelMetadataRequest(name=model), timeout=30
+            stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version), timeout=30
         )
         inputs: list[dict[str, Any]] = [
             {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs
@@ -64,7 +66,7 @@ class GrpcClient:
         requests = []
         for body in bodies:
             tensors = oip_client.to_tensors(inputs, orjson.loads(body)["instances"])
-            req = pb.ModelInferRequest(model_name=model)
+            req = pb.ModelInferRequest(model_name=model, model_version=version)
             for name, datatype, arr in tensors:
                 req.inputs.add(name=name, datatype=datatype, shape=arr.shape)
                 req.raw_input_contents.append(oip.encode_raw(arr))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -316,6 +317,23 @@ def parse_server_timing(raw: bytes | str) -> dict[str, float]:
     return out
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds every process on this machine has spent busy since boot (Linux's
+    /proc/stat: user, nice, system, irq, softirq, steal); None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_since(start: float | None) -> float | None:
+    end = machine_busy_s()
+    return None if start is None or end is None else end - start
+
+
 @dataclass
 class RunResult:
     """Raw per-request data of one run; `summary()` is what gets reported."""
@@ -326,6 +344,8 @@ class RunResult:
     latencies_s: list[float]  # inf for a failed or unanswered request
     client_cpu_s: float  # CPU this process spent during the whole run
     total_calls: int  # including warm-up, for the per-request CPU figure
+    # CPU every process on the machine spent busy during the run (Linux; None elsewhere)
+    machine_cpu_s: float | None = None
     rate: float | None = None
     concurrency: int | None = None
     first_due: float | None = None  # open loop: due time of request 0 (now() clock)
@@ -353,6 +373,13 @@ class RunResult:
             "window_s": round(self.window_s, 3),
             "throughput_rps": ok / self.window_s if self.window_s > 0 else 0.0,
             "client_cpu_us_per_request": 1e6 * self.client_cpu_s / max(self.total_calls, 1),
+            # Everything but the generator: the server under test and whatever else runs
+            # (an idle Ray cluster's own processes too), per request of the run.
+            "server_cpu_ms_per_request": (
+                None
+                if self.machine_cpu_s is None
+                else 1e3 * (self.machine_cpu_s - self.client_cpu_s) / max(self.total_calls, 1)
+            ),
             "connections": self.connections,
         }
         if self.rate is not None:
@@ -469,7 +496,7 @@ async def open_loop(
     lat = [INF] * n
     lag = [0.0] * n
     rec = _Recorder(keep_timing)
-    cpu0 = time.process_time()
+    cpu0, busy0 = time.process_time(), machine_busy_s()
     t0 = now() + 0.005
     last_done = t0
 
@@ -511,6 +538,7 @@ async def open_loop(
         window_s=max(last_done - first_due, (n - n_warm) * interval),
         latencies_s=lat[n_warm:],
         client_cpu_s=cpu,
+        machine_cpu_s=_busy_since(busy0),
         total_calls=n,
         rate=rate,
         first_due=first_due,
@@ -533,7 +561,7 @@ async def closed_loop(
     rec = _Recorder(keep_timing)
     lat: list[float] = []
     calls = 0
-    cpu0 = time.process_time()
+    cpu0, busy0 = time.process_time(), machine_busy_s()
     t_measure = now() + warmup_s
     t_end = t_measure + duration_s
 
@@ -566,6 +594,7 @@ async def closed_loop(
         window_s=window,
         latencies_s=lat,
         client_cpu_s=time.process_time() - cpu0,
+        machine_cpu_s=_busy_since(busy0),
         total_calls=calls,
         concurrency=concurrency,
         connections=getattr(client, "connections_opened", 0),
@@ -579,7 +608,7 @@ async def serial(
     """One client, one request at a time, `warmup` unrecorded requests first."""
     rec = _Recorder(keep_timing)
     lat: list[float] = []
-    cpu0 = time.process_time()
+    cpu0, busy0 = time.process_time(), machine_busy_s()
     t_start = now()
     for i in range(warmup + n):
         if i == warmup:
@@ -598,6 +627,7 @@ async def serial(
         window_s=now() - t_start,
         latencies_s=lat,
         client_cpu_s=time.process_time() - cpu0,
+        machine_cpu_s=_busy_since(busy0),
         total_calls=warmup + n,
         concurrency=1,
         connections=getattr(client, "connections_opened", 0),

@@ -7,10 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-ORDER = ("gateway", "gateway-grpc", "naive", "uvicorn")
+ORDER = ("gateway", "gateway-grpc", "gateway-replica", "gateway-replica-grpc", "naive", "uvicorn")
 COLORS = {
     "gateway": "tab:blue",
     "gateway-grpc": "tab:purple",
+    "gateway-replica": "tab:cyan",
+    "gateway-replica-grpc": "tab:pink",
     "naive": "tab:red",
     "uvicorn": "tab:green",
 }
@@ -63,6 +65,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     if results.get("aborted"):
         lines += [f"**Run aborted**: {results['aborted']} (partial results below).", ""]
     lines += _ratios_section(results)
+    lines += _placement_section(results)
     for name, sc in results["scenarios"].items():
         lines += [f"## Scenario `{name}`", "", sc["description"], ""]
         if sc["skip"]:
@@ -70,6 +73,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             continue
         lines += _scenario_tables(sc, results.get("ceiling", {}).get(name), slo)
         lines += _versus_section(sc)
+        lines += _gpu_section(sc)
     lines += _timing_section(results)
     lines += _generator_section(results)
     lines += _ceiling_section(results)
@@ -101,6 +105,8 @@ def _ratios_section(results: dict[str, Any]) -> list[str]:
         for system, prefix, label in (
             ("gateway", "", name),
             ("gateway-grpc", "grpc_", f"{name} (gRPC)"),
+            ("gateway-replica", "replica_", f"{name} (replica)"),
+            ("gateway-replica-grpc", "replica_grpc_", f"{name} (replica, gRPC)"),
         ):
             ours = systems.get(system)
             if ours is None or naive is None:
@@ -121,12 +127,50 @@ def _ratios_section(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _placement_section(results: dict[str, Any]) -> list[str]:
+    """Every placement and transport against the others and against uvicorn."""
+    rows = []
+    for name, sc in results["scenarios"].items():
+        r = sc.get("ratios") or {}
+        if sc["skip"] or "replica_vs_fused_serial_p50" not in r:
+            continue
+        rows.append(
+            f"| {name} | {_ratio(r.get('replica_vs_fused_serial_p50'))} "
+            f"| {_ratio(r.get('replica_vs_fused_throughput_at_slo'))} "
+            f"| {_ratio(r.get('grpc_replica_vs_fused_serial_p50'))} "
+            f"| {_ratio(r.get('grpc_replica_vs_fused_throughput_at_slo'))} "
+            f"| {_ratio(r.get('throughput_at_slo_vs_uvicorn'))} "
+            f"| {_ratio(r.get('cpu_per_request_vs_uvicorn'))} "
+            f"| {_ratio(r.get('grpc_vs_http_serial_p50'))} "
+            f"| {_ratio(r.get('replica_grpc_vs_http_serial_p50'))} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Placement and transport",
+        "",
+        "Replica = the same model as a Serve deployment of its own, reached over the direct "
+        "channel; fused = inside the ingress replica. CPU per request: every process but "
+        "the generator's, at the closed-loop step with the most throughput within the SLO.",
+        "",
+        "| scenario | replica / fused, serial p50 (target ≤ 2×) | replica / fused, throughput "
+        "at SLO (target ≥ 0.5×) | same over gRPC, p50 | same over gRPC, throughput "
+        "| fused / uvicorn, throughput at SLO (target ≥ 0.8×) | fused / uvicorn, CPU per "
+        "request (target ≤ 1.25×) | gRPC / HTTP serial p50, fused (target ≤ 1.5×) "
+        "| gRPC / HTTP serial p50, replica |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def _scenario_tables(sc: dict[str, Any], ceiling: dict[str, Any] | None, slo: float) -> list[str]:
     systems = sc["systems"]
     lines = [
         "| system | serial p50 / p95 / p99 (ms) | closed-loop peak (req/s @ clients) "
-        f"| throughput at p99 ≤ {slo:g} ms (req/s @ clients) | errors |",
-        "|---|---|---|---|---|",
+        f"| throughput at p99 ≤ {slo:g} ms (req/s @ clients) | open loop at the SLO (req/s) "
+        "| server CPU per request (ms) | errors |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in _ordered(systems):
         m = systems[name]
@@ -139,13 +183,15 @@ def _scenario_tables(sc: dict[str, Any], ceiling: dict[str, Any] | None, slo: fl
         )
         lines.append(
             f"| {name} | {_ms(lat['p50'], 2)} / {_ms(lat['p95'], 2)} / {_ms(lat['p99'], 2)} "
-            f"| {m['peak_rps']:.0f} @ {m['peak_concurrency']} | {at} | {errors} |"
+            f"| {m['peak_rps']:.0f} @ {m['peak_concurrency']} | {at} "
+            f"| {m.get('open_rps_at_slo', 0.0):g} | {_ms(m.get('server_cpu_ms_per_request'), 2)} "
+            f"| {errors} |"
         )
     if ceiling:
         b = ceiling["best"]
         lines.append(
             f"| ceiling (runtime alone) | batch 1: {_ms(ceiling['sizes'][0]['batch_p50_ms'], 3)}"
-            f" | {b['rows_per_s']:,.0f} rows/s @ batch {b['batch_size']} | — | — |"
+            f" | {b['rows_per_s']:,.0f} rows/s @ batch {b['batch_size']} | — | — | — | — |"
         )
     rates = sorted({r["offered_rps"] for m in systems.values() for r in m["open"]})
     if rates:
@@ -178,6 +224,30 @@ def _scenario_tables(sc: dict[str, Any], ceiling: dict[str, Any] | None, slo: fl
         if flagged:
             lines += ["", f"{name}: {flagged} answers were marked degraded (default features)."]
     return [*lines, ""]
+
+
+def _gpu_section(sc: dict[str, Any]) -> list[str]:
+    gpu = sc.get("gpu")
+    if not gpu:
+        return []
+    rows = [
+        f"| {system} | {f['rows_per_s']:,.0f} | {_ratio(f['vs_ceiling'])} |"
+        for system, f in gpu.items()
+        if isinstance(f, dict)
+    ]
+    ceiling = gpu.get("ceiling")
+    return [
+        f"Through the gateway on the GPU ({gpu['rows_per_request']} rows per request), "
+        f"against the runtime alone on the same GPU at its best batch size "
+        f"({ceiling:,.0f} rows/s):"
+        if ceiling
+        else "No ceiling measured.",
+        "",
+        "| system | rows/s at peak | of the ceiling (target ≥ 0.8×) |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _versus_section(sc: dict[str, Any]) -> list[str]:
@@ -217,7 +287,7 @@ def _versus_section(sc: dict[str, Any]) -> list[str]:
 def _timing_section(results: dict[str, Any]) -> list[str]:
     rows = []
     for name, sc in results["scenarios"].items():
-        for system in ("gateway", "gateway-grpc"):
+        for system in ORDER[:4]:
             gw = sc["systems"].get(system)
             st = gw and gw["serial"].get("server_timing")
             if not st:

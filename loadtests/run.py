@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -38,14 +38,25 @@ from loadtests.scenarios import REGISTRY, ROOT, SCENARIOS, Scenario
 
 SYSTEMS: dict[str, str] = {
     "gateway": "our gateway over HTTP: served by the ingress replica itself (direct), "
-    "default versions fused into it, @serve.batch",
+    "default versions fused into it",
     "gateway-grpc": "our gateway over gRPC (OIP ModelInfer, served in the ingress replica)",
+    "gateway-replica": "the same gateway over HTTP, the same model as a Serve deployment of "
+    "its own (placement replica, one replica), reached over the direct channel",
+    "gateway-replica-grpc": "the replica placement over gRPC",
     "naive": "naive Ray Serve: FastAPI ingress → unbatched model deployment, defaults",
     "uvicorn": "one uvicorn process, FastAPI, runtime in-process",
     "ceiling": "runtime alone in a tight loop at its best batch size",
 }
-SERVED = ("gateway", "gateway-grpc", "naive", "uvicorn")
-GATEWAYS = ("gateway", "gateway-grpc")
+GATEWAYS = ("gateway", "gateway-grpc", "gateway-replica", "gateway-replica-grpc")
+SERVED = (*GATEWAYS, "naive", "uvicorn")
+# A GPU scenario's replica: one GPU, large batches.
+GPU_VERSION = {
+    "placement": "replica",
+    "resources": {"num_gpus": 1, "num_cpus": 1},
+    "batching": {"max_batch_size": 2048, "batch_wait_timeout_s": 0.002},
+}
+# The gateway's port each system reaches (one gateway serves every placement).
+PORT_OF = {"gateway-replica": "gateway", "gateway-replica-grpc": "gateway-grpc"}
 # Logical CPUs of the local Ray: more than the 2 real cores so that every replica of both
 # Serve applications can be scheduled at once (they are mostly idle, one system at a time
 # is under load).
@@ -290,16 +301,29 @@ def ray_cluster(env: dict[str, str]) -> Iterator[int]:
 def gateway_deployment(scenarios: list[Scenario], registry: Path) -> Any:
     """deployments/local.yaml (what `make up` serves), restricted to the versions the
     scenarios use so no idle replica shares the machine (a rollout deploys its own)."""
-    from serving.settings import load_deployment
+    from serving.settings import VersionConfig, load_deployment
 
     dep = load_deployment(ROOT / "deployments" / "local.yaml", registry)
     wanted = {(s.model, s.version) for s in scenarios}
     models = {}
     for name, cfg in dep.models.items():
         versions = {v: c for v, c in cfg.versions.items() if (name, v) in wanted}
-        if versions:
-            default = cfg.default if cfg.default in versions else next(iter(versions))
-            models[name] = cfg.model_copy(update={"versions": versions, "default": default})
+        if not versions:
+            continue
+        # The replica placement of the same model: its copy as a deployment of its own,
+        # batched the same way.
+        for s in scenarios:
+            if s.model == name and s.replica_version and s.version in versions:
+                fused = versions[s.version]
+                versions[s.replica_version] = (
+                    VersionConfig.model_validate(GPU_VERSION)
+                    if s.gpu
+                    else VersionConfig(
+                        placement="replica", batching=fused.batching, warmup=fused.warmup
+                    )
+                )
+        default = cfg.default if cfg.default in versions else next(iter(versions))
+        models[name] = cfg.model_copy(update={"versions": versions, "default": default})
     return dep.model_copy(update={"models": models, "feature_tables": []})
 
 
@@ -413,6 +437,17 @@ def measure(
         )
     if skipped:
         progress(f"{label} open-loop skipped {skipped} req/s (over 1.25x closed-loop peak)")
+    open_ok = [
+        r
+        for r in opened
+        if r["errors"] == 0
+        and r["latency_ms"]["p99"] is not None
+        and r["latency_ms"]["p99"] <= slo
+        and r["throughput_rps"] >= 0.95 * r["offered_rps"]
+    ]
+    # Server CPU per request where the system works hardest within the SLO (else at its
+    # peak): every process but the generator's, per request.
+    busiest = at_slo or peak
     return {
         "serial": s,
         "closed": closed,
@@ -422,6 +457,8 @@ def measure(
         "peak_concurrency": peak["concurrency"],
         "rps_at_slo": at_slo["throughput_rps"] if at_slo else 0.0,
         "concurrency_at_slo": at_slo["concurrency"] if at_slo else None,
+        "open_rps_at_slo": max((r["offered_rps"] for r in open_ok), default=0.0),
+        "server_cpu_ms_per_request": busiest.get("server_cpu_ms_per_request"),
     }
 
 
@@ -506,7 +543,7 @@ def ratios(scenario: dict[str, Any]) -> dict[str, float | None]:
         return v
 
     nv, uv = systems.get("naive"), systems.get("uvicorn")
-    for system, prefix in (("gateway", ""), ("gateway-grpc", "grpc_")):
+    for system, prefix in PREFIX.items():
         gw = systems.get(system)
         if gw and nv:
             out[prefix + "throughput_at_slo_vs_naive"] = div(gw["rps_at_slo"], nv["rps_at_slo"])
@@ -515,7 +552,57 @@ def ratios(scenario: dict[str, Any]) -> dict[str, float | None]:
         if gw and uv:
             out[prefix + "serial_p50_vs_uvicorn"] = div(p50(gw), p50(uv))
             out[prefix + "throughput_at_slo_vs_uvicorn"] = div(gw["rps_at_slo"], uv["rps_at_slo"])
+            out[prefix + "cpu_per_request_vs_uvicorn"] = div(
+                gw.get("server_cpu_ms_per_request"), uv.get("server_cpu_ms_per_request")
+            )
+    # Placement and transport, side by side: replica / fused, gRPC / HTTP.
+    for fused, replica, prefix in (
+        ("gateway", "gateway-replica", ""),
+        ("gateway-grpc", "gateway-replica-grpc", "grpc_"),
+    ):
+        f, r = systems.get(fused), systems.get(replica)
+        if f and r:
+            out[prefix + "replica_vs_fused_serial_p50"] = div(p50(r), p50(f))
+            out[prefix + "replica_vs_fused_throughput_at_slo"] = div(
+                r["rps_at_slo"], f["rps_at_slo"]
+            )
+    for http, grpc, prefix in (
+        ("gateway", "gateway-grpc", ""),
+        ("gateway-replica", "gateway-replica-grpc", "replica_"),
+    ):
+        h, g = systems.get(http), systems.get(grpc)
+        if h and g:
+            out[prefix + "grpc_vs_http_serial_p50"] = div(p50(g), p50(h))
     return out
+
+
+# Ratio keys of each gateway system against the baselines.
+PREFIX = {
+    "gateway": "",
+    "gateway-grpc": "grpc_",
+    "gateway-replica": "replica_",
+    "gateway-replica-grpc": "replica_grpc_",
+}
+
+
+def gpu_figures(
+    sc: dict[str, Any], scenario: Scenario, ceiling: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Rows per second through the gateway against the runtime alone on the same GPU."""
+    best = ceiling["best"]["rows_per_s"] if ceiling else None
+    out: dict[str, Any] = {"rows_per_request": scenario.rows_per_request, "ceiling": best}
+    for system, m in sc["systems"].items():
+        rows = m["peak_rps"] * scenario.rows_per_request
+        out[system] = {"rows_per_s": rows, "vs_ceiling": rows / best if best else None}
+    return out
+
+
+def _cuda_device() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def versus(sc: dict[str, Any], plain: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -543,7 +630,13 @@ def run(opts: Options) -> dict[str, Any]:
 
     plan = Plan(**{**asdict(QUICK if opts.quick else FULL), "slo_ms": opts.slo_ms})
     progress = Progress()
-    scenarios = [SCENARIOS[n] for n in opts.scenarios]
+    cuda = _cuda_device()
+    scenarios = [
+        SCENARIOS[n]
+        if not SCENARIOS[n].gpu or cuda
+        else replace(SCENARIOS[n], skip="no CUDA device on this machine (runs where one is)")
+        for n in opts.scenarios
+    ]
     runnable = [s for s in scenarios if s.skip is None]
     results: dict[str, Any] = {
         "meta": {
@@ -578,8 +671,8 @@ def run(opts: Options) -> dict[str, Any]:
             # Measured once everything is up and idle: the conditions of the runs below.
             results["generator"] = measure_generator(plan, progress, w)
             if "ceiling" in opts.systems:
-                # One per model version (scenarios may share one).
-                for s in {(s.model, s.version): s for s in runnable}.values():
+                # One per model version and device (scenarios may share one).
+                for s in {(s.model, s.version, s.gpu): s for s in runnable}.values():
                     results["ceiling"][s.name] = c = w.call(
                         {"op": "ceiling", "scenario": s.name, "seconds_per_size": plan.ceiling_s}
                     )
@@ -621,6 +714,8 @@ def run(opts: Options) -> dict[str, Any]:
         for name, sc in results["scenarios"].items():
             if not sc["skip"]:
                 sc["ratios"] = ratios(sc)
+                if SCENARIOS[name].gpu:
+                    sc["gpu"] = gpu_figures(sc, SCENARIOS[name], results["ceiling"].get(name))
                 plain = results["scenarios"].get(SCENARIOS[name].compare_with or "")
                 if plain is not None:
                     sc["vs_plain"] = versus(sc, plain)
@@ -635,9 +730,9 @@ def _measure_system(
     path = s.paths[system]
     target = {
         "op": "load",
-        "kind": "grpc" if system == "gateway-grpc" else "http",
+        "kind": "grpc" if system.endswith("grpc") else "http",
         "host": "127.0.0.1",
-        "port": ports[system],
+        "port": ports[PORT_OF.get(system, system)],
         "path": path,
         "scenario": s.name,
         "timing": system in GATEWAYS,

@@ -41,6 +41,13 @@ class Scenario:
     rollout: tuple[dict[str, Any], ...] = ()
     # The plain scenario whose figures this one's are compared with in the report.
     compare_with: str | None = None
+    # A copy of `version` (also in extra_versions) that the gateway serves from a model
+    # replica of its own (placement `replica`): the `gateway-replica*` systems' path.
+    replica_version: str | None = None
+    # Runs only where a CUDA device is present; its replica takes one GPU.
+    gpu: bool = False
+    # Instances in each request (throughput in rows/s = requests/s times this).
+    rows_per_request: int = 1
 
     def bodies(self, registry: Path = REGISTRY) -> list[bytes]:
         return BODIES[self.bodies_from or self.name](registry)
@@ -71,7 +78,22 @@ def _digits_bodies(registry: Path) -> list[bytes]:
     ]
 
 
-BODIES = {"fraud": _fraud_bodies, "digits": _digits_bodies}
+GPU_ROWS = 256  # images per request in the GPU scenario
+
+
+def _digits_batch_bodies(registry: Path) -> list[bytes]:
+    x = np.load(registry / "digits" / "heldout.npz", allow_pickle=False)["X"].astype(np.int64)
+    return [
+        orjson.dumps({"instances": x[np.arange(i, i + GPU_ROWS) % len(x)].tolist()})
+        for i in range(0, 16 * GPU_ROWS, GPU_ROWS)
+    ]
+
+
+BODIES = {
+    "fraud": _fraud_bodies,
+    "digits": _digits_bodies,
+    "digits-batch": _digits_batch_bodies,
+}
 
 SCENARIOS: dict[str, Scenario] = {
     "fraud": Scenario(
@@ -82,10 +104,14 @@ SCENARIOS: dict[str, Scenario] = {
         paths={
             "gateway": "/v1/models/fraud:predict",
             "gateway-grpc": "fraud",
+            "gateway-replica": "/v1/models/fraud/versions/v2r:predict",
+            "gateway-replica-grpc": "fraud/v2r",
             "naive": "/naive/fraud",
             "uvicorn": "/fraud",
         },
         flag=b'"degraded":true',
+        extra_versions={"v2r": "v2"},
+        replica_version="v2r",
     ),
     "digits": Scenario(
         name="digits",
@@ -95,9 +121,13 @@ SCENARIOS: dict[str, Scenario] = {
         paths={
             "gateway": "/v1/models/digits:predict",
             "gateway-grpc": "digits",
+            "gateway-replica": "/v1/models/digits/versions/v1r:predict",
+            "gateway-replica-grpc": "digits/v1r",
             "naive": "/naive/digits",
             "uvicorn": "/digits",
         },
+        extra_versions={"v1r": "v1"},
+        replica_version="v1r",
     ),
     # Stable v2 with a 10% canary and a 10% shadow, held there for the whole run: the
     # analysis never decides (a window needs 10^9 requests), so the weights stay put.
@@ -123,5 +153,23 @@ SCENARIOS: dict[str, Scenario] = {
             {"action": "shadow", "version": "v1shadow", "sample": 0.1},
         ),
         compare_with="fraud",
+    ),
+    # The full gateway on a GPU: digits as a replica taking one GPU, large batches, every
+    # request 256 images; against the runtime's own best on the same GPU.
+    "digits-gpu": Scenario(
+        name="digits-gpu",
+        model="digits",
+        version="v1",
+        description=f"digits v1 on a GPU: a replica with num_gpus 1, batches up to 2048 rows, "
+        f"{GPU_ROWS} images per request",
+        paths={
+            "gateway-replica": "/v1/models/digits/versions/v1gpu:predict",
+            "gateway-replica-grpc": "digits/v1gpu",
+        },
+        bodies_from="digits-batch",
+        extra_versions={"v1gpu": "v1"},
+        replica_version="v1gpu",
+        gpu=True,
+        rows_per_request=GPU_ROWS,
     ),
 }

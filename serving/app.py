@@ -18,6 +18,7 @@ from ray.serve import Application
 from serving import deploy
 from serving.dataplane import DataPlane
 from serving.dataplane.invoke import ReplicaHandle
+from serving.dataplane.replicas import ReplicaWatch
 from serving.errors import ConfigError, InvalidInput, NotReady
 from serving.models.registry import Registry
 from serving.models.replica import ModelReplica
@@ -71,6 +72,11 @@ class Gateway:
             stats=self._rollouts.stats.recorder,
             records=self._feedback,
             accuracy=self._feedback,
+            watch=(
+                ReplicaWatch("ModelReplica", deploy.model_app_name)
+                if s.replica_channel == "direct"
+                else None
+            ),
         )
         self._admin_token = admin_token
         self._lock: asyncio.Lock | None = None  # made lazily inside the running loop
@@ -144,7 +150,8 @@ class Gateway:
         grpc_server = GrpcServer(self._plane, s, self._dep.ingress.max_ongoing_requests)
         lifespan = with_server(lifespan, grpc_server)
         if s.http_mode == "direct":
-            lifespan = with_server(lifespan, DirectHttpServer(app, s.http_host, s.http_port))
+            server = DirectHttpServer(app, s.http_host, s.http_port, self._plane.admission)
+            lifespan = with_server(lifespan, server)
         app.router.lifespan_context = lifespan
         return app
 
@@ -187,6 +194,11 @@ def gateway_app(args: dict[str, Any]) -> Application:
 
 def model_app(args: dict[str, Any]) -> Application:
     app: Application = ModelReplica.bind(  # type: ignore[attr-defined]
-        args["model"], args["version"], args["registry"], args["runtime"], args.get("warmup")
+        args["model"],
+        args["version"],
+        args["registry"],
+        args["runtime"],
+        args.get("warmup"),
+        args.get("max_in_flight", 1024),
     )
     return app

@@ -48,11 +48,12 @@ def model_app_config(
     """The Serve application hosting one model version."""
     manifest = Registry(registry_root).get(model, version).manifest
     max_batch = vcfg.batching.max_batch_size or manifest.batching.max_batch_size
+    max_ongoing = max(2 * max_batch, 16)
     d: dict[str, Any] = {
         "name": "ModelReplica",
         # Requests per replica, not instances: keep room for a full batch of
         # single-instance requests plus the next one queueing (ray #43288).
-        "max_ongoing_requests": max(2 * max_batch, 16),
+        "max_ongoing_requests": max_ongoing,
         "max_queued_requests": vcfg.max_queued_requests,
         "user_config": vcfg.batching.model_dump(exclude_none=True),
         "ray_actor_options": {
@@ -70,20 +71,22 @@ def model_app_config(
     }
     if vcfg.autoscaling is not None:
         a = vcfg.autoscaling
-        d["autoscaling_config"] = a.model_dump(exclude={"latency_slo_ms"})
-        if a.latency_slo_ms is not None:
-            d["autoscaling_config"].update(
-                metrics_interval_s=1.0,
-                look_back_period_s=5.0,
-                policy={
-                    "policy_function": "serving.observability.autoscale:LatencyPolicy",
-                    "policy_kwargs": {
-                        "model": model,
-                        "version": version,
-                        "slo_ms": a.latency_slo_ms,
-                    },
-                },
-            )
+        # Our policies, from what each replica reports itself (record_autoscaling_stats):
+        # Ray's default one counts only handle calls, not the direct channel's requests.
+        policy, kwargs = (
+            ("LatencyPolicy", {"slo_ms": a.latency_slo_ms})
+            if a.latency_slo_ms is not None
+            else ("OngoingPolicy", {"target": a.target_ongoing_requests})
+        )
+        d["autoscaling_config"] = {
+            **a.model_dump(exclude={"latency_slo_ms"}),
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+            "policy": {
+                "policy_function": f"serving.observability.autoscale:{policy}",
+                "policy_kwargs": {"model": model, "version": version, **kwargs},
+            },
+        }
     else:
         d["num_replicas"] = vcfg.num_replicas
     return {
@@ -96,6 +99,8 @@ def model_app_config(
             "registry": str(registry_root),
             "runtime": runtime_options(settings),
             "warmup": vcfg.warmup.model_dump() if vcfg.warmup else None,
+            # The direct channel's bound: what Serve would hold, running or queued.
+            "max_in_flight": max_ongoing + vcfg.max_queued_requests,
         },
         "deployments": [d],
     }

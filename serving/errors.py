@@ -120,5 +120,20 @@ class ModelError(ServingError):
     code = "model_error"
 
 
+def by_code(code: str) -> type[ServingError]:
+    """The class whose `code` this is (ServingError itself for an unknown code): errors
+    that crossed a process boundary as their code become themselves again."""
+    if not _BY_CODE:
+        todo: list[type[ServingError]] = [ServingError]
+        while todo:
+            cls = todo.pop()
+            _BY_CODE.setdefault(cls.code, cls)
+            todo += cls.__subclasses__()
+    return _BY_CODE.get(code, ServingError)
+
+
+_BY_CODE: dict[str, type[ServingError]] = {}
+
+
 class ConfigError(Exception):
     """A manifest or deployment file is invalid; the message names file and field."""

@@ -56,9 +56,14 @@ class Settings(BaseSettings):
     torch_threads: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # A version whose batch of one runs faster than this (measured at start-up) answers a
-    # request that finds it idle on the event loop itself: handing the work to the
-    # inference thread and back costs more than such a model takes. 0: never.
-    inline_infer_max_ms: float = Field(default=0.2, ge=0)
+    # request that is alone on the event loop itself: for such a model the hand-off to
+    # the inference thread and back costs about what the model does, and a lone request
+    # has no company to batch with. 0: never.
+    inline_infer_max_ms: float = Field(default=0.5, ge=0)
+    # How the ingress reaches model versions on replicas: `direct` (each replica's own
+    # endpoint, which Serve publishes; a Serve handle until it has) or `handle` (Ray
+    # Serve handles only).
+    replica_channel: Literal["direct", "handle"] = "direct"
 
     # Prefix of every key the gateway keeps in Redis (serving.keys): features, routing
     # and rollout state, statistics, prediction records. SERVING_FEATURE_NAMESPACE,
@@ -101,6 +106,9 @@ class BatchingOverride(BaseModel):
 
     max_batch_size: int | None = Field(default=None, ge=1, le=4096)
     batch_wait_timeout_s: float | None = Field(default=None, ge=0, le=10)
+    # A lone one-row request runs on the event loop itself (no thread hand-off): None
+    # decides by the batch of one's time at start-up (SERVING_INLINE_INFER_MAX_MS).
+    inline_when_idle: bool | None = None
 
 
 class WarmupConfig(BaseModel):

@@ -42,12 +42,19 @@ def models_batching(
     version: Annotated[str, typer.Option("--version", "-v")],
     max_batch_size: Annotated[int | None, typer.Option(help="Instances per batch.")] = None,
     batch_wait_ms: Annotated[float | None, typer.Option(help="Wait for a batch to fill.")] = None,
+    inline_when_idle: Annotated[
+        bool | None,
+        typer.Option(
+            "--inline-when-idle/--no-inline-when-idle",
+            help="A lone one-row request runs on the event loop (default: measured).",
+        ),
+    ] = None,
     url: UrlOpt = None,
 ) -> None:
     """Show, or change live (no restart), a version's batching parameters."""
     path = f"/admin/v1/models/{model}/versions/{version}/batching"
     base = (url or cli_settings().gateway_url()) + path
-    if max_batch_size is None and batch_wait_ms is None:
+    if max_batch_size is None and batch_wait_ms is None and inline_when_idle is None:
         resp = request("GET", base, headers=admin_headers())
     else:
         body: dict[str, Any] = {}
@@ -55,6 +62,8 @@ def models_batching(
             body["max_batch_size"] = max_batch_size
         if batch_wait_ms is not None:
             body["batch_wait_timeout_s"] = batch_wait_ms / 1000
+        if inline_when_idle is not None:
+            body["inline_when_idle"] = inline_when_idle
         resp = request("PUT", base, headers=admin_headers(), json=body, timeout=60.0)
     if resp.status_code != 200:
         show_error(resp)

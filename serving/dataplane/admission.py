@@ -12,6 +12,10 @@ class Admission:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.inflight: dict[str, int] = {}  # per model; read by the in-flight gauge
+        # Requests a server has read whose handler has not started yet (the direct
+        # HTTP server counts them): a burst read in one loop step is known to be
+        # coming before the first of it runs.
+        self.waiting = 0
 
     def enter(self, model: str) -> None:
         """Count a request in, or raise Overloaded when the replica is at its limit."""
@@ -26,5 +30,6 @@ class Admission:
         self.inflight[model] -= 1
 
     def alone(self, model: str) -> bool:
-        """No other request for this model is in flight here."""
-        return self.inflight.get(model, 0) == 1
+        """No other request for this model is in flight here, and none is waiting to
+        start."""
+        return self.inflight.get(model, 0) == 1 and self.waiting <= 0

@@ -68,7 +68,7 @@ class Monitor:
         result: dict[str, Any] = await self._caller.call(
             model, version, "batching", self._probe_timeout_s
         )
-        return result
+        return {**result, "ingress": self._caller.channel_state(model, version)}
 
     async def monitoring(self, model: str, version: str) -> dict[str, Any]:
         """What the accuracy and drift gauges hold for one version (this replica)."""

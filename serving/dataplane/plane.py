@@ -25,6 +25,7 @@ from serving.dataplane.features import FeatureSource, FeatureStep
 from serving.dataplane.hooks import AfterPredict, PredictionRecords, RequestStats
 from serving.dataplane.invoke import HandleFactory, VersionCaller
 from serving.dataplane.monitor import Accuracy, Monitor
+from serving.dataplane.replicas import ReplicaWatch
 from serving.dataplane.routing import Arm, Catalog, Router, StaticRouter
 from serving.errors import Overloaded, ServingError
 from serving.models.registry import Arrays, Manifest
@@ -77,11 +78,12 @@ class DataPlane:
         records: PredictionRecords | None = None,
         accuracy: Accuracy | None = None,
         features: FeatureSource | None = None,
+        watch: ReplicaWatch | None = None,
     ) -> None:
         self._settings = settings
         router = router or StaticRouter({m: c.default for m, c in dep.models.items()})
         self.catalog = Catalog(dep, router)
-        self.caller = VersionCaller(handles, local or {})
+        self.caller = VersionCaller(handles, local or {}, watch)
         self.admission = Admission(dep.ingress.max_ongoing_requests)
         self.features = FeatureStep(settings, features)
         self.hooks = AfterPredict(router, self.caller, settings.request_timeout_s, stats, records)

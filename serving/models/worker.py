@@ -2,11 +2,11 @@
 reconfiguration. It runs as a Ray Serve deployment of its own (serving.models.replica)
 or, for versions placed `fused`, inside each ingress replica.
 
-Requests are merged by `@serve.batch`, whose batch size counts *instances* (not
-requests), so `max_batch_size` is what the runtime sees. A request larger than a batch
-is cut into pieces first. Inference runs on one worker thread so that the event loop
-keeps accepting and queueing requests for the next batch while this one runs.
-Warm-up happens in `__init__`: a replica reports healthy only once it is warm.
+Requests are merged by a `Batcher` (serving.models.batcher) whose batch size counts
+*instances* (not requests), so `max_batch_size` is what the runtime sees. A request
+larger than a batch is cut into pieces first. Inference runs on one worker thread so
+that the event loop keeps accepting and queueing requests for the next batch while this
+one runs. Warm-up happens in `__init__`: a replica reports healthy only once it is warm.
 """
 
 from __future__ import annotations
@@ -16,19 +16,20 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from ray import serve
 
 from serving.errors import ModelError
 from serving.models import batching
+from serving.models.batcher import Batcher
 from serving.models.registry import Manifest, Registry
 from serving.models.runtimes import Arrays, RuntimeOptions, load_runtime
-from serving.observability.autoscale import P95_METRIC
+from serving.observability.autoscale import ONGOING_METRIC, P95_METRIC
 from serving.observability.metrics import metrics
 from serving.settings import BatchingOverride, WarmupConfig
 
@@ -41,12 +42,14 @@ class ReplicaResult:
     queue_s: float  # longest wait in the batch queue among this request's pieces
     infer_s: float  # runtime time of the batch(es) this request ran in
     batch_size: int  # instances in the largest batch this request ran in
-    replica_s: float  # time from arrival in the replica to the answer
 
 
 class _Item(NamedTuple):
     arrays: Arrays
     enqueued: float
+
+    def rows(self) -> int:
+        return batching.rows(self.arrays)
 
 
 class _Done(NamedTuple):
@@ -54,10 +57,6 @@ class _Done(NamedTuple):
     queue_s: float
     infer_s: float
     batch_size: int
-
-
-def _instances(items: list[_Item]) -> int:
-    return sum(batching.rows(it.arrays) for it in items)
 
 
 def warmup_inputs(manifest: Manifest, n: int) -> Arrays:
@@ -92,17 +91,20 @@ class ModelWorker:
         self._inflight = 0
         # (monotonic time, queue wait + inference) per request: the autoscaling signal.
         self._recent: deque[tuple[float, float]] = deque(maxlen=8192)
-        # A batch queue per instance (a decorated method would share one queue among
-        # all instances in the process, and fused versions live in one process).
-        self._run_batch: Any = serve.batch(
-            max_batch_size=self._max_batch,
-            batch_wait_timeout_s=self._manifest.batching.batch_wait_timeout_s,
-            batch_size_fn=_instances,
-        )(self._batch)
+        b = self._manifest.batching
+        self._batcher: Batcher[_Item, _Done] = Batcher(
+            self._run, _Item.rows, b.max_batch_size, b.batch_wait_timeout_s
+        )
         self._warm(WarmupConfig(**warmup) if warmup else self._manifest.warmup)
+        # Whether a lone request may run on the event loop itself: a batch of one must
+        # take under `inline_max_s`. Measured once, after warm-up, as the fastest of
+        # several runs (noise only adds to a run), so start-up noise does not flip it;
+        # a version's `batching.inline_when_idle` overrides it.
+        self._batch_of_one_s = self._time_batch_of_one(inline_max_s) if inline_max_s > 0 else None
+        self._measured_inline = (
+            self._batch_of_one_s is not None and self._batch_of_one_s < inline_max_s
+        )
         self._apply_batching(BatchingOverride())
-        # Whether a request that finds the worker idle runs on the event loop itself.
-        self._inline = self._batch_of_one_under(inline_max_s)
         log.info(
             "%s/%s ready on %s%s",
             model,
@@ -119,29 +121,27 @@ class ModelWorker:
             self._runtime.predict(warmup_inputs(self._manifest, sizes[done % len(sizes)]))
             done += 1
 
-    def _batch_of_one_under(self, limit_s: float) -> bool:
-        """Median of 5 timed batches of one below `limit_s` (stops at a slow one)."""
-        if limit_s <= 0:
-            return False
+    def _time_batch_of_one(self, limit_s: float, runs: int = 20) -> float:
+        """The fastest of `runs` batches of one; a model far slower than `limit_s` is
+        not timed further (its first runs say enough)."""
         one = warmup_inputs(self._manifest, 1)
-        times = []
-        for _ in range(5):
+        best = float("inf")
+        for _ in range(runs):
             t = time.perf_counter()
             self._runtime.predict(one)
-            times.append(time.perf_counter() - t)
-            if times[-1] > 10 * limit_s:
-                return False
-        return sorted(times)[2] < limit_s
+            best = min(best, time.perf_counter() - t)
+            if best > 10 * limit_s:
+                break
+        return best
 
     def _apply_batching(self, cfg: BatchingOverride) -> None:
         b = self._manifest.batching
         self._max_batch = cfg.max_batch_size or b.max_batch_size
         wait = cfg.batch_wait_timeout_s
-        if wait is None:
-            wait = b.batch_wait_timeout_s
-        self._run_batch.set_max_batch_size(self._max_batch)
-        self._run_batch.set_batch_wait_timeout_s(wait)
-        self._wait = wait
+        self._wait = b.batch_wait_timeout_s if wait is None else wait
+        self._batcher.max_rows, self._batcher.wait_s = self._max_batch, self._wait
+        inline = cfg.inline_when_idle
+        self._inline = self._measured_inline if inline is None else inline
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Live batching changes from the deployment's `user_config`; no restart."""
@@ -149,12 +149,13 @@ class ModelWorker:
         log.info("batching now max_batch_size=%d wait=%.4fs", self._max_batch, self._wait)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """p95 of queue wait + inference over the last 10 s, for serving.autoscale."""
+        """For serving.observability.autoscale: p95 of queue wait + inference over the
+        last 10 s, and the requests in this replica now (handle and direct alike)."""
         cutoff = time.monotonic() - 10.0
         recent = [v for t, v in self._recent if t >= cutoff]
         p95 = float(np.percentile(recent, 95)) if recent else 0.0
         metrics().replica_p95.set(p95, tags=self._tags)
-        return {P95_METRIC: p95}
+        return {P95_METRIC: p95, ONGOING_METRIC: float(self._inflight)}
 
     async def ready(self) -> bool:
         return True  # reachable only after __init__, i.e. after warm-up
@@ -169,6 +170,9 @@ class ModelWorker:
             "max_batch_size": self._max_batch,
             "batch_wait_timeout_s": self._wait,
             "inline_when_idle": self._inline,
+            "batch_of_one_ms": (
+                None if self._batch_of_one_s is None else round(self._batch_of_one_s * 1000, 4)
+            ),
             "replica": self.identity(),
         }
 
@@ -177,25 +181,29 @@ class ModelWorker:
         none is about to join a batch; a fast version then answers on the event loop."""
         t0 = time.perf_counter()
         pieces = batching.chunk(inputs, self._max_batch)
-        idle = self._inflight == 0
         self._inflight += 1
         try:
-            if idle:
-                # Nothing runs or forms: no one to wait for, so the request runs at once,
-                # a batch per piece, without the batch queue's hand-offs.
-                # Requests arriving meanwhile queue and batch as configured; the one
-                # inference thread keeps batches in order. A lone one-row request to a
-                # fast model runs on the event loop itself (no thread hand-off); with
-                # others on their way it takes the thread, so that they can batch
-                # while it runs.
-                done = []
-                for piece in pieces:
-                    inline = self._inline and alone and batching.rows(piece) == 1
-                    done += await self._batch([_Item(piece, t0)], inline=inline)
+            if (
+                self._inline
+                and alone
+                and self._inflight == 1
+                and not self._batcher.busy
+                and batching.rows(pieces[0]) == 1
+            ):
+                # Nothing runs or forms and no other request is on its way: a one-row
+                # request to a fast model runs on the event loop itself, without the
+                # hand-off to the inference thread and back.
+                done = await self._batch([_Item(pieces[0], t0)], self._on_loop)
             elif len(pieces) == 1:
-                done = [await self._run_batch(_Item(pieces[0], t0))]
+                done = [await self._batcher.submit(_Item(pieces[0], t0))]
             else:
-                done = list(await asyncio.gather(*(self._run_batch(_Item(p, t0)) for p in pieces)))
+                # A large request's pieces wait for no company: each is a batch already
+                # (the last, partial one but for what joins it meanwhile).
+                done = list(
+                    await asyncio.gather(
+                        *(self._batcher.submit(_Item(p, t0), hurry=True) for p in pieces)
+                    )
+                )
         finally:
             self._inflight -= 1
         return ReplicaResult(
@@ -203,24 +211,30 @@ class ModelWorker:
             queue_s=max(d.queue_s for d in done),
             infer_s=sum(d.infer_s for d in done),
             batch_size=max(d.batch_size for d in done),
-            replica_s=time.perf_counter() - t0,
         )
 
-    async def _batch(self, items: list[_Item], inline: bool = False) -> list[_Done]:
-        started = time.perf_counter()
+    async def _run(self, items: list[_Item]) -> list[_Done]:
+        """One batch from the batcher: inference on the inference thread."""
+        return await self._batch(items, self._on_thread)
+
+    async def _on_thread(self, merged: Arrays) -> Arrays:
         loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._runtime.predict, merged)
+
+    async def _on_loop(self, merged: Arrays) -> Arrays:
+        return self._runtime.predict(merged)  # never suspends: no loop step is taken
+
+    async def _batch(
+        self, items: list[_Item], predict: Callable[[Arrays], Awaitable[Arrays]]
+    ) -> list[_Done]:
+        started = time.perf_counter()
         out: list[_Done | None] = [None] * len(items)
-        total = _instances(items)
+        total = sum(it.rows() for it in items)
         for group in batching.group_compatible([it.arrays for it in items]):
             merged, counts = batching.merge([items[i].arrays for i in group])
             t = time.perf_counter()
             try:
-                if inline:
-                    outputs = self._runtime.predict(merged)
-                else:
-                    outputs = await loop.run_in_executor(
-                        self._executor, self._runtime.predict, merged
-                    )
+                outputs = await predict(merged)
             except Exception as exc:  # a runtime fault on validated input
                 log.exception("inference failed")
                 raise ModelError(f"inference failed: {type(exc).__name__}: {exc}") from None
@@ -230,6 +244,5 @@ class ModelWorker:
                 queue_s = started - items[i].enqueued
                 out[i] = _Done(part, queue_s, infer_s, total)
                 self._recent.append((done_at, queue_s + infer_s))
-        m = metrics()
-        m.batch_size.observe(total, tags=self._tags)
+        metrics().batch_size.observe(total, tags=self._tags)
         return [d for d in out if d is not None]

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from serving import keys, redis_conn
 from serving.background import every
 from serving.errors import Conflict, FeatureStoreUnavailable, InvalidInput, NotFound
+from serving.features.resp import MultiplexedRedis, checked
 from serving.observability.metrics import metrics
 from serving.rollouts.stats import bucket_start
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ACCURACY_WINDOWS = {"5m": 300, "1h": 3600}
 FLUSH_EVERY_S = 0.05
+FLUSH_TIMEOUT_S = 2.0
 MAX_PENDING = 50_000  # beyond this, records are dropped (counted) rather than queued
 
 
@@ -43,6 +45,8 @@ class FeedbackStore:
         self._ns = namespace
         self._ttl_s = int(ttl_s)
         self._client: aioredis.Redis | None = None
+        # Records are written over a multiplexed connection of their own (redis://).
+        self._mux = MultiplexedRedis(redis_url) if MultiplexedRedis.supports(redis_url) else None
         self._pending: list[tuple[str, str]] = []  # (key, json record)
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
@@ -78,13 +82,19 @@ class FeedbackStore:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        pipe = self._redis().pipeline(transaction=False)
-        for key, doc in pending:
-            pipe.hset(key, mapping={"rec": doc})
-            pipe.expire(key, self._ttl_s)
         try:
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
+            if self._mux is not None:  # the cheap way: pipelined over one connection
+                ttl = str(self._ttl_s)
+                commands = [c for key, doc in pending for c in _record(key, doc, ttl)]
+                async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                    checked(await self._mux.execute(commands))
+            else:
+                pipe = self._redis().pipeline(transaction=False)
+                for key, doc in pending:
+                    pipe.hset(key, mapping={"rec": doc})
+                    pipe.expire(key, self._ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
             self.dropped += len(pending)
             log.warning("dropped %d prediction records: %s", len(pending), exc)
 
@@ -94,6 +104,8 @@ class FeedbackStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
+        if self._mux is not None:
+            await self._mux.aclose()
 
     async def label(self, items: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
         """Join labels with their predictions. All ids must exist, or nothing is
@@ -182,3 +194,7 @@ class FeedbackStore:
                     c += int(rc or 0)
             out[name] = c / n if n else None
         return out
+
+
+def _record(key: str, doc: str, ttl: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return ("HSET", key, "rec", doc), ("EXPIRE", key, ttl)

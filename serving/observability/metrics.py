@@ -119,6 +119,12 @@ class Metrics:
             description="Queue wait plus inference p95 in a replica (what the policy uses).",
             tag_keys=("model", "version"),
         )
+        self.replica_retries = Counter(
+            "serving_replica_retries_total",
+            description="Predictions sent once more because their replica went away "
+            "before answering (the direct channel).",
+            tag_keys=("model", "version"),
+        )
         self.batch_size = Histogram(
             "serving_batch_size",
             description="Instances per batch run by a model replica.",

@@ -18,7 +18,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import (
@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 
 FastPath = Callable[[Any, Any, Any], Awaitable[bool]]  # ASGI; False: not taken
 _REQUEST_ID = REQUEST_ID.encode()
+WAITING = "serving.waiting"  # ASGI scope key: the Waiting this request is counted in
+
+
+class Waiting(Protocol):
+    """Requests read whose handler has not started (serving.dataplane.admission)."""
+
+    waiting: int
 
 
 class RequestIdMiddleware:
@@ -54,6 +61,9 @@ class RequestIdMiddleware:
         # Server-Timing's `http` stage starts when the request's first bytes were read
         # (ArrivalStampingProtocol); here only for a server that does not stamp.
         scope.setdefault(ARRIVAL, time.perf_counter())
+        counted = scope.pop(WAITING, None)
+        if counted is not None:  # it waits no more: its handler starts
+            counted.waiting -= 1
         headers = scope.get("headers", [])
         rid = next((v for k, v in headers if k == _REQUEST_ID), None)
         if rid is None:
@@ -86,9 +96,15 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, noting when each request's first bytes came off the
     socket. Parsing, the task uvicorn creates per request and any wait for the event
     loop (busy with other requests or the replica's own work) then fall inside the
-    `http` stage instead of outside every stage."""
+    `http` stage instead of outside every stage. A server made with `counting` also
+    counts each request as waiting from when it is read to when its handler starts."""
 
     _read_at = 0.0
+    counter: Waiting | None = None
+
+    @classmethod
+    def counting(cls, counter: Waiting | None) -> type[ArrivalStampingProtocol]:
+        return type(cls.__name__, (cls,), {"counter": counter})
 
     def data_received(self, data: bytes) -> None:
         self._read_at = time.perf_counter()
@@ -101,8 +117,21 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope and _cycle_is_known(cycle):
+        if cycle is None or cycle.scope is not self.scope:
+            return  # no request cycle (an upgrade)
+        if _cycle_is_known(cycle):
             self.scope[WRITE] = functools.partial(_write_whole, cycle)  # type: ignore[literal-required]
+        if self.counter is not None:
+            self.counter.waiting += 1
+            self.scope[WAITING] = self.counter  # type: ignore[literal-required]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Pipelined requests that will now never start wait no more.
+        for cycle, _ in self.pipeline:
+            counted = cycle.scope.pop(WAITING, None)  # type: ignore[misc]
+            if counted is not None:
+                counted.waiting -= 1
+        super().connection_lost(exc)
 
 
 # The uvicorn cycle state _write_whole reads and sets. A uvicorn whose cycle lacks any
@@ -172,9 +201,10 @@ class _Server(uvicorn.Server):
 
 
 class DirectHttpServer:
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, waiting: Waiting | None = None) -> None:
         self._app = app
         self.host, self.port = host, port
+        self._protocol = ArrivalStampingProtocol.counting(waiting)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -195,7 +225,7 @@ class DirectHttpServer:
             access_log=False,
             log_level="warning",
             timeout_keep_alive=75,
-            http=ArrivalStampingProtocol,
+            http=self._protocol,
         )
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))

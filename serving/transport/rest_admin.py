@@ -29,6 +29,7 @@ class Rollouts(Protocol):
 class BatchingUpdate(BaseModel):
     max_batch_size: int | None = None
     batch_wait_timeout_s: float | None = None
+    inline_when_idle: bool | None = None
 
 
 def build_router(

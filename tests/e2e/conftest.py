@@ -78,6 +78,8 @@ def _registry_copy(src: Path, dst: Path) -> Path:
     manifest["features"]["policy"] = "reject"
     (strict / "model.yaml").write_text(yaml.safe_dump(manifest))
     build_rollout_model(dst / "digits" / "v1", dst / "rollme")
+    _copy_version(dst / "digits" / "v1", dst / "digits" / "v1fused")
+    _copy_version(dst / "digits" / "v1", dst / "killme" / "v1")
     scaleme = dst / "scaleme" / "v1"
     scaleme.mkdir(parents=True)
     shutil.copy(dst / "rollme" / "v4slow" / "model.pt", scaleme / "model.pt")
@@ -86,6 +88,14 @@ def _registry_copy(src: Path, dst: Path) -> Path:
         yaml.safe_dump({**manifest, "name": "scaleme", "version": "v1"})
     )
     return dst
+
+
+def _copy_version(src: Path, dst: Path) -> None:
+    """A byte-identical copy of a version under another name or model."""
+    shutil.copytree(src, dst)
+    manifest = yaml.safe_load((dst / "model.yaml").read_text())
+    manifest.update(name=dst.parent.name, version=dst.name)
+    (dst / "model.yaml").write_text(yaml.safe_dump(manifest))
 
 
 def build_rollout_model(digits: Path, root: Path) -> None:
@@ -203,11 +213,18 @@ def gateway(
                             }
                         },
                     },
-                    # Long warm-up: /readyz must say 503 while it runs.
+                    # Long warm-up: /readyz must say 503 while it runs. v1 is a replica,
+                    # v1fused the same model inside the ingress (no feature lookup that
+                    # yields: a burst must batch all the same).
                     "digits": {
                         "default": "v1",
-                        "versions": {"v1": {"warmup": {"iterations": 3, "min_seconds": 6}}},
+                        "versions": {
+                            "v1": {"warmup": {"iterations": 3, "min_seconds": 6}},
+                            "v1fused": {"placement": "fused"},
+                        },
                     },
+                    # Two replicas: one is killed under load, and no request may fail.
+                    "killme": {"default": "v1", "versions": {"v1": {"num_replicas": 2}}},
                 },
             }
         )

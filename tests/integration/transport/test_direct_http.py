@@ -202,3 +202,41 @@ async def test_fast_route_answers_in_one_write_on_a_kept_alive_connection() -> N
         writer.close()
     finally:
         await server.stop()
+
+
+async def test_requests_read_together_are_counted_as_waiting_until_their_handler_starts() -> None:
+    class Counter:
+        waiting = 0
+
+    counter = Counter()
+    seen: list[int] = []
+
+    async def counting_app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(counter.waiting)  # how many others were read and wait to start
+        while (await receive()).get("more_body", False):
+            pass
+        headers = [(b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    server = DirectHttpServer(counting_app, "127.0.0.1", free_port(), counter)
+    await server.start()
+    try:
+        conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(16)]
+        request = b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n"
+        for _, writer in conns:  # all at once: the server reads them in one step
+            writer.write(request)
+        await asyncio.gather(*(w.drain() for _, w in conns))
+        for reader, writer in conns:
+            await read_answer(reader)
+            writer.close()
+        assert len(seen) == 16 and max(seen) >= 1  # the first saw others waiting
+        assert counter.waiting == 0  # every one was counted out
+        # A lone request sees nobody waiting.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request)
+        await read_answer(reader)
+        writer.close()
+        assert seen[-1] == 0 and counter.waiting == 0
+    finally:
+        await server.stop()

@@ -42,7 +42,7 @@ class GatedWorker:
         t = time.perf_counter()
         outputs = self.runtime.predict(inputs)
         infer_s = time.perf_counter() - t
-        return ReplicaResult(outputs, 0.0, infer_s, 1, infer_s)
+        return ReplicaResult(outputs, 0.0, infer_s, 1)
 
 
 def _no_ray(*args: Any) -> Any:

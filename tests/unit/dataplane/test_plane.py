@@ -44,7 +44,7 @@ class Doubler:
         if self.fail is not None:
             raise self.fail
         y = self.factor * inputs["x"].sum(axis=1)
-        return ReplicaResult({"y": y}, 0.001, 0.002, len(y), 0.003)
+        return ReplicaResult({"y": y}, 0.001, 0.002, len(y))
 
     async def ready(self) -> bool:
         return True
