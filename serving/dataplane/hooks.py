@@ -61,8 +61,7 @@ class AfterPredict:
     ) -> None:
         """Every request that reached the data plane, answered or not. Shed requests
         (arm "none") and unknown names are no version's fault: not in rollout figures."""
-        tags = {"model": model, "version": version, "arm": arm, "protocol": protocol}
-        metrics().requests.inc(1, tags={**tags, "code": code})
+        metrics().requests.add(1, model, version, arm, protocol, code)
         if self._stats is not None and version and arm != "none" and code != "not_found":
             self._stats.request(model, version, latency_s, code in SERVER_FAULTS)
 
@@ -82,13 +81,12 @@ class AfterPredict:
         """A successful answer: latency and stage metrics, prediction record, drift
         window, and a shadow copy when this request is sampled for one."""
         m = metrics()
-        tags = {"model": model, "version": version}
-        m.latency.observe(timings["total"], tags={**tags, "protocol": protocol})
+        m.latency.record(timings["total"], model, version, protocol)
         for stage, secs in timings.items():
             if stage != "total":
-                m.stage.observe(secs, tags={**tags, "stage": stage})
+                m.stage.record(secs, model, version, stage)
         if degraded:
-            m.degraded.inc(1, tags={**tags, "reason": degraded[0].split(":")[1]})
+            m.degraded.add(1, model, version, degraded[0].split(":")[1])
         if record_id and self._records is not None and "label" in result.outputs:
             self._records.record(record_id, model, version, np.asarray(result.outputs["label"]))
         monitor = self._drift_monitor(model, version, manifest)

@@ -1,6 +1,7 @@
 """What the data plane reports about itself: readiness of the served versions, the
 batching a version runs with, accuracy and drift, and the gauges exported every few
-seconds (in-flight requests, PSI, accuracy)."""
+seconds (in-flight requests, PSI, accuracy); it also keeps the request-path metrics
+flowing to Ray (serving.observability.buffered)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from serving.dataplane.hooks import AfterPredict
 from serving.dataplane.invoke import VersionCaller
 from serving.dataplane.routing import Catalog
 from serving.errors import ServingError
+from serving.observability import buffered
 from serving.observability.metrics import metrics
 
 EVERY_S = 5.0
@@ -46,6 +48,7 @@ class Monitor:
         if self._task is not None:
             return
         self._task = asyncio.create_task(every(EVERY_S, self._publish, "publishing gauges"))
+        buffered.ensure_flushing()
         await self._catalog.router.ensure_started()
 
     async def version_ready(self, model: str, version: str) -> bool:

@@ -117,7 +117,7 @@ class RedisFeatureStore:
         m = metrics()
         problems: list[Problem] = []
         for key, (view_name, entity, _, i) in wanted.items():
-            m.feature_lookups.inc(1, tags={"view": view_name, "outcome": outcome[key]})
+            m.feature_lookups.add(1, view_name, outcome[key])
             if outcome[key] != "hit":
                 problems.append(Problem(view_name, entity, outcome[key], i))
         stored: Stored = {
@@ -159,7 +159,7 @@ class RedisFeatureStore:
                 found[key], outcome[key] = None, "error"
             return
         finally:
-            metrics().feature_latency.observe(time.perf_counter() - t0)
+            metrics().feature_latency.record(time.perf_counter() - t0)
         max_age = {v.name: v.max_age_s for v in cfg.views}
         for key, values in zip(keys, replies):
             view_name, _, fields, _ = wanted[key]

@@ -25,6 +25,8 @@ def signature(arrays: Arrays) -> tuple[tuple[int, ...], ...]:
 
 def group_compatible(parts: Sequence[Arrays]) -> list[list[int]]:
     """Indices of parts grouped by identical per-instance shapes, first-seen order."""
+    if len(parts) == 1:
+        return [[0]]
     groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
     for i, p in enumerate(parts):
         groups.setdefault(signature(p), []).append(i)

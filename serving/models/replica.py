@@ -16,6 +16,7 @@ from ray import serve
 
 from serving.models.endpoint import ReplicaEndpoint
 from serving.models.worker import ModelWorker
+from serving.observability import buffered
 
 
 @serve.deployment(name="ModelReplica")
@@ -32,6 +33,7 @@ class ModelReplica(ModelWorker):
         ModelWorker.__init__(self, model, version, registry, runtime, warmup)
         self._endpoint = ReplicaEndpoint(self, max_in_flight)
         await self._endpoint.start(ray.util.get_node_ip_address())
+        buffered.ensure_flushing()  # the batch sizes it records reach Ray
 
     def record_replica_metadata(self) -> dict[str, Any]:
         """Called by Serve once, after __init__: where the direct channel answers."""

@@ -17,8 +17,9 @@ boolean arrays only: nothing is unpickled, nothing but numbers crosses.
 
 from __future__ import annotations
 
+import math
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -75,31 +76,47 @@ def encode_arrays(arrays: Arrays) -> list[bytes]:
 def decode_arrays(body: bytes, pos: int = 0) -> tuple[Arrays, int]:
     """The arrays at `pos`, as writable copies (runtimes may write into inputs)."""
     try:
-        (count,) = _U8.unpack_from(body, pos)
+        count = body[pos]
         pos += 1
         out: Arrays = {}
         for _ in range(count):
-            (n,) = _U8.unpack_from(body, pos)
-            name = bytes(body[pos + 1 : pos + 1 + n]).decode()
+            n = body[pos]
+            name = body[pos + 1 : pos + 1 + n].decode()
             pos += 1 + n
-            (n,) = _U8.unpack_from(body, pos)
-            dtype = np.dtype(bytes(body[pos + 1 : pos + 1 + n]).decode())
+            n = body[pos]
+            dtype = _dtype(body[pos + 1 : pos + 1 + n])
             pos += 1 + n
-            (rank,) = _U8.unpack_from(body, pos)
+            rank = body[pos]
             shape = _DIMS[rank].unpack_from(body, pos + 1)
             pos += 1 + _DIMS[rank].size
-            size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-            if dtype.kind not in "biuf" or pos + size > len(body):
-                raise WireError(f"{name}: bad array")
+            size = dtype.itemsize * math.prod(shape)
+            if pos + size > len(body):
+                raise WireError(f"{name}: {size} bytes of data, {len(body) - pos} left")
             out[name] = (
-                np.frombuffer(body, dtype, count=size // dtype.itemsize, offset=pos)
-                .reshape(shape)
-                .copy()
+                np.frombuffer(body, dtype, size // dtype.itemsize, pos).reshape(shape).copy()
             )
             pos += size
         return out, pos
-    except (struct.error, IndexError, UnicodeDecodeError, TypeError) as exc:
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
         raise WireError(f"malformed arrays: {exc}") from None
+
+
+_DTYPES: dict[bytes, np.dtype[Any]] = {}
+
+
+def _dtype(name: bytes) -> np.dtype[Any]:
+    """A numeric or boolean dtype from its `str` (cached: a handful ever occur)."""
+    dt = _DTYPES.get(name)
+    if dt is None:
+        try:
+            dt = np.dtype(name.decode())
+        except (TypeError, ValueError, UnicodeDecodeError):
+            raise WireError(f"bad dtype {name!r}") from None
+        if dt.kind not in "biuf":
+            raise WireError(f"dtype {dt} cannot cross the channel")
+        if len(_DTYPES) < 64:
+            _DTYPES[name] = dt
+    return dt
 
 
 def encode_result(

@@ -244,5 +244,5 @@ class ModelWorker:
                 queue_s = started - items[i].enqueued
                 out[i] = _Done(part, queue_s, infer_s, total)
                 self._recent.append((done_at, queue_s + infer_s))
-        metrics().batch_size.observe(total, tags=self._tags)
+        metrics().batch_size.record(total, self._tags["model"], self._tags["version"])
         return [d for d in out if d is not None]

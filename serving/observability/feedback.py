@@ -69,9 +69,7 @@ class FeedbackStore:
             classes, counts = np.unique(labels, return_counts=True)
             counted = zip(classes.tolist(), counts.tolist())
         for cls, count in counted:
-            metrics().predictions.inc(
-                count, tags={"model": model, "version": version, "label": str(cls)}
-            )
+            metrics().predictions.add(count, model, version, str(cls))
         if len(self._pending) >= MAX_PENDING:
             self.dropped += 1
             return

@@ -2,7 +2,10 @@
 
 Metrics are Ray metrics (`ray.util.metrics`), so every replica on a node is exported
 through that node's one metrics endpoint. They are created lazily, once per process,
-on first use: never at import time and never in a constructor.
+on first use: never at import time and never in a constructor. Those recorded per
+request or per batch are summed in the process and handed to Ray once a second
+(serving.observability.buffered); a histogram among them is exported as the
+`_bucket`/`_sum`/`_count` series Prometheus reads as one.
 Label sets are bounded: model, version, protocol, code, stage. Never a request id.
 """
 
@@ -10,7 +13,9 @@ from __future__ import annotations
 
 from functools import cache
 
-from ray.util.metrics import Counter, Gauge, Histogram
+from ray.util.metrics import Counter, Gauge
+
+from serving.observability.buffered import BufferedCounter, BufferedHistogram
 
 LATENCY_BUCKETS_S = [
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -21,35 +26,35 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 class Metrics:
     def __init__(self) -> None:
-        self.requests = Counter(
+        self.requests = BufferedCounter(
             "serving_requests_total",
             description="Prediction requests answered, by outcome code.",
             tag_keys=("model", "version", "arm", "protocol", "code"),
         )
-        self.latency = Histogram(
+        self.latency = BufferedHistogram(
             "serving_request_duration_seconds",
             description="End-to-end latency inside the gateway, per request.",
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=("model", "version", "protocol"),
         )
-        self.stage = Histogram(
+        self.stage = BufferedHistogram(
             "serving_stage_duration_seconds",
             description="Time per request stage (decode, queue, infer, hop, encode).",
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=("model", "version", "stage"),
         )
-        self.feature_lookups = Counter(
+        self.feature_lookups = BufferedCounter(
             "serving_feature_lookups_total",
             description="Feature entity lookups by view and outcome "
             "(hit, miss, stale, timeout, error).",
             tag_keys=("view", "outcome"),
         )
-        self.feature_latency = Histogram(
+        self.feature_latency = BufferedHistogram(
             "serving_feature_lookup_duration_seconds",
             description="One request's pipelined feature round trip to Redis.",
             boundaries=LATENCY_BUCKETS_S,
         )
-        self.degraded = Counter(
+        self.degraded = BufferedCounter(
             "serving_degraded_responses_total",
             description="Answers given with default features, by the first reason.",
             tag_keys=("model", "version", "reason"),
@@ -64,7 +69,7 @@ class Metrics:
             description="Rollout decisions (start, advance, hold, rollback, complete, ...).",
             tag_keys=("model", "action"),
         )
-        self.shadow = Counter(
+        self.shadow = BufferedCounter(
             "serving_shadow_requests_total",
             description="Shadow copies by outcome (agree, disagree, error, dropped).",
             tag_keys=("model", "version", "outcome"),
@@ -79,7 +84,7 @@ class Metrics:
             description="Prediction requests inside this ingress replica right now.",
             tag_keys=("model",),
         )
-        self.predictions = Counter(
+        self.predictions = BufferedCounter(
             "serving_predictions_total",
             description="Predicted classes (the `label` output), the prediction distribution.",
             tag_keys=("model", "version", "label"),
@@ -119,13 +124,13 @@ class Metrics:
             description="Queue wait plus inference p95 in a replica (what the policy uses).",
             tag_keys=("model", "version"),
         )
-        self.replica_retries = Counter(
+        self.replica_retries = BufferedCounter(
             "serving_replica_retries_total",
             description="Predictions sent once more because their replica went away "
             "before answering (the direct channel).",
             tag_keys=("model", "version"),
         )
-        self.batch_size = Histogram(
+        self.batch_size = BufferedHistogram(
             "serving_batch_size",
             description="Instances per batch run by a model replica.",
             boundaries=BATCH_BUCKETS,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -38,11 +38,13 @@ _ORJSON = orjson.OPT_SERIALIZE_NUMPY
 
 
 def context(request: Request, protocol: str) -> RequestContext:
-    """The context of an inference request, its deadline header checked (400 if bad)."""
+    """The context of an inference request, its deadline header checked (400 if bad).
+    Its headers are a plain dict (ASGI names are lower-case; a repeated one: the last),
+    read once: the request path looks several up."""
     started = time.perf_counter()
-    headers = request.headers
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
     return RequestContext(
-        request_id=request_id(request),
+        request_id=given_request_id(headers.get(REQUEST_ID)),
         protocol=protocol,
         headers=headers,
         started=started,
@@ -67,12 +69,16 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refusing more than `max_bytes` (413) or an empty one (400)."""
-    length = request.headers.get("content-length")
+async def read_body(
+    request: Request, max_bytes: int, headers: Mapping[str, str] | None = None
+) -> bytes:
+    """The whole body, refusing more than `max_bytes` (413) or an empty one (400).
+    `headers`: the request's, when already read (RequestContext.headers)."""
+    headers = request.headers if headers is None else headers
+    length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {max_bytes}")
-    encoding = request.headers.get("content-encoding", "identity").lower()
+    encoding = headers.get("content-encoding", "identity").lower()
     if encoding not in ("identity", ""):
         raise MalformedRequest(f"content-encoding {encoding!r} is not supported")
     body = bytearray()
@@ -97,8 +103,10 @@ def parse_json(body: bytes) -> Any:
             raise MalformedRequest(f"body is not valid JSON: {exc}") from None
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    return parse_json(await read_body(request, max_bytes))
+async def read_json(
+    request: Request, max_bytes: int, headers: Mapping[str, str] | None = None
+) -> Any:
+    return parse_json(await read_body(request, max_bytes, headers))
 
 
 def timing_header(

@@ -88,7 +88,7 @@ def build_router(
 
     async def _predict(request: Request, name: str, version: str | None) -> Response:
         ctx = http.context(request, "http")
-        body = await read_json(request, settings.max_body_bytes)
+        body = await read_json(request, settings.max_body_bytes, ctx.headers)
         pred = await plane.predict(ctx, name, version, instances=parse_predict_body(body))
         encode_started = time.perf_counter()
         response = json_response(_answer(pred, ctx.request_id), headers=_headers(pred))

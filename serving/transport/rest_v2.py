@@ -11,7 +11,7 @@ request parameter `binary_data_output`) come back the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -57,9 +57,9 @@ class _V2Route(APIRoute):
         return handle
 
 
-def _split(request: Request, body: bytes) -> tuple[bytes, bytes]:
+def _split(headers: Mapping[str, str], body: bytes) -> tuple[bytes, bytes]:
     """The JSON header and the binary data after it (binary tensor data extension)."""
-    raw = request.headers.get(HEADER_LENGTH)
+    raw = headers.get(HEADER_LENGTH)
     if raw is None:
         return body, b""
     if not raw.isdigit() or int(raw) > len(body):
@@ -199,7 +199,8 @@ def build_router(plane: DataPlane, settings: Settings, fast: FastRoutes) -> APIR
 
     async def _infer(request: Request, name: str, version: str | None) -> Response:
         ctx = http.context(request, "v2")
-        head, binary = _split(request, await read_body(request, settings.max_body_bytes))
+        body = await read_body(request, settings.max_body_bytes, ctx.headers)
+        head, binary = _split(ctx.headers, body)
         req = _V2Request(parse_json(head), binary)
         ctx.lower_timeout(req.timeout_s)
         ctx.body_id = req.id

@@ -37,11 +37,13 @@ class TorchScriptRuntime:
         self._out = [(s.name, np.dtype(s.dtype)) for s in mv.manifest.outputs]
 
     def predict(self, inputs: Arrays) -> Arrays:
+        on_gpu = self.device != "cpu"  # on the CPU, no device copies to make
         with torch.inference_mode():
             args = [
-                torch.from_numpy(np.ascontiguousarray(inputs[n], dtype=dt)).to(self.device)
-                for n, dt in self._in
+                torch.from_numpy(np.ascontiguousarray(inputs[n], dtype=dt)) for n, dt in self._in
             ]
+            if on_gpu:
+                args = [a.to(self.device) for a in args]
             result = self._module(*args)
         if isinstance(result, torch.Tensor):
             tensors = [result]
@@ -53,7 +55,6 @@ class TorchScriptRuntime:
             raise ConfigError(
                 f"model returned {len(tensors)} outputs, manifest declares {len(self._out)}"
             )
-        return {
-            n: t.detach().cpu().numpy().astype(dt, copy=False)
-            for (n, dt), t in zip(self._out, tensors)
-        }
+        if on_gpu:
+            tensors = [t.cpu() for t in tensors]
+        return {n: t.numpy().astype(dt, copy=False) for (n, dt), t in zip(self._out, tensors)}
