@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,17 @@ def batcher(runs: Runs, max_rows: int = 4, wait_s: float = 0.05) -> Batcher[int,
     return Batcher(runs, rows=lambda r: 1 if r >= 0 else 2, max_rows=max_rows, wait_s=wait_s)
 
 
+async def held_first(max_rows: int, wait_s: float) -> tuple[Runs, Batcher[int, int], Any]:
+    """A batcher whose first batch ([1]) is running, held until `runs.gate` is set."""
+    runs = Runs()
+    runs.gate.clear()
+    b = batcher(runs, max_rows=max_rows, wait_s=wait_s)
+    first = asyncio.create_task(b.submit(1))
+    while not runs.batches:
+        await asyncio.sleep(0)
+    return runs, b, first
+
+
 async def test_a_lone_request_leaves_at_once() -> None:
     runs = Runs()
     b = batcher(runs, wait_s=10.0)
@@ -51,12 +63,7 @@ async def test_a_burst_read_in_one_step_leaves_together_up_to_max_rows() -> None
 
 
 async def test_while_a_batch_runs_requests_queue_and_leave_as_one() -> None:
-    runs = Runs()
-    runs.gate.clear()
-    b = batcher(runs, max_rows=8, wait_s=0.0)
-    first = asyncio.create_task(b.submit(1))
-    while not runs.batches:
-        await asyncio.sleep(0)
+    runs, b, first = await held_first(max_rows=8, wait_s=0.0)
     later = [asyncio.create_task(b.submit(i)) for i in (2, 3, 4)]
     await asyncio.sleep(0.01)
     runs.gate.set()
@@ -65,12 +72,7 @@ async def test_while_a_batch_runs_requests_queue_and_leave_as_one() -> None:
 
 
 async def test_a_partial_batch_waits_at_most_wait_s_for_company() -> None:
-    runs = Runs()
-    runs.gate.clear()
-    b = batcher(runs, max_rows=8, wait_s=0.2)
-    first = asyncio.create_task(b.submit(1))
-    while not runs.batches:
-        await asyncio.sleep(0)
+    runs, b, first = await held_first(max_rows=8, wait_s=0.2)
     runs.gate.set()
     await first
     t = time.perf_counter()
@@ -89,12 +91,7 @@ async def test_a_partial_batch_waits_at_most_wait_s_for_company() -> None:
 
 
 async def test_rows_fill_a_batch_and_a_hurried_request_does_not_wait() -> None:
-    runs = Runs()
-    runs.gate.clear()
-    b = batcher(runs, max_rows=4, wait_s=10.0)
-    first = asyncio.create_task(b.submit(1))
-    while not runs.batches:
-        await asyncio.sleep(0)
+    runs, b, first = await held_first(max_rows=4, wait_s=10.0)
     two_rows = [asyncio.create_task(b.submit(-i)) for i in (1, 2, 3)]  # 2 rows each
     hurried = asyncio.create_task(b.submit(5, hurry=True))
     await asyncio.sleep(0)
@@ -114,12 +111,7 @@ async def test_a_failed_batch_fails_its_requests_only() -> None:
 
 
 async def test_a_request_whose_caller_gave_up_is_not_run() -> None:
-    runs = Runs()
-    runs.gate.clear()
-    b = batcher(runs, max_rows=8, wait_s=0.0)
-    first = asyncio.create_task(b.submit(1))
-    while not runs.batches:
-        await asyncio.sleep(0)
+    runs, b, first = await held_first(max_rows=8, wait_s=0.0)
     gone = asyncio.create_task(b.submit(2))
     kept = asyncio.create_task(b.submit(3))
     await asyncio.sleep(0)
