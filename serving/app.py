@@ -146,28 +146,32 @@ class Gateway:
         # The servers and the background loops live as long as the app: Ray Serve runs
         # the app's lifespan on the replica's event loop at start-up and again at
         # graceful shutdown (serving.transport.direct_http.with_server).
-        lifespan = with_server(app.router.lifespan_context, _Background(self._rollouts))
         grpc_server = GrpcServer(self._plane, s, self._dep.ingress.max_ongoing_requests)
-        lifespan = with_server(lifespan, grpc_server)
+        lifespan = with_server(app.router.lifespan_context, grpc_server)
         if s.http_mode == "direct":
             server = DirectHttpServer(app, s.http_host, s.http_port, self._plane.admission)
             lifespan = with_server(lifespan, server)
+        # Outermost: started before the servers take requests, stopped after they stop.
+        lifespan = with_server(lifespan, _Background(self._rollouts, self._plane))
         app.router.lifespan_context = lifespan
         return app
 
 
 class _Background:
     """The rollout controller's loops (routing tables, statistics, analysis), started
-    with the app, before its servers take requests."""
+    before the servers take requests; on the way out, after they stopped, those and
+    the data plane's connections to replicas."""
 
-    def __init__(self, rollouts: RolloutController) -> None:
+    def __init__(self, rollouts: RolloutController, plane: DataPlane) -> None:
         self._rollouts = rollouts
+        self._plane = plane
 
     async def start(self) -> None:
         await self._rollouts.ensure_started()
 
     async def stop(self) -> None:
         await self._rollouts.close()
+        self._plane.caller.close()
 
 
 def _fused_worker(s: Settings, dep: DeploymentFile, model: str, version: str) -> ModelWorker:

@@ -83,6 +83,12 @@ class VersionCaller:
         except RayActorError:
             raise NotReady(f"{model}/{version} replica died; retry") from None
 
+    def close(self) -> None:
+        """Stop following replicas and close the direct channel's connections."""
+        if self._watch is not None:
+            self._watch.stop()
+        self.channel.close()
+
     def channel_state(self, model: str, version: str) -> dict[str, Any]:
         """How this ingress reaches the version: in process, direct, or a Serve handle."""
         if self.is_local(model, version):

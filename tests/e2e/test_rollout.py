@@ -311,6 +311,19 @@ def test_routing_state_survives_an_ingress_restart(gateway: GatewayUnderTest) ->
     for name in names:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
+    def gone() -> bool:
+        """The killed ingress no longer exists (ray.kill returns before it dies, and
+        until then it still answers)."""
+        for name in names:
+            try:
+                ray.get_actor(name, namespace="serve")
+            except ValueError:
+                continue
+            return False
+        return True
+
+    wait_for(gone, 60, "the killed ingress to be gone")
+
     def routed() -> dict[str, Any]:
         try:
             return admin(gateway)["routing"]
