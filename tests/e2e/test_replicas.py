@@ -4,7 +4,9 @@ whatever the placement, and a replica killed under load that costs no request.""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import threading
 import time
 from typing import Any
@@ -44,8 +46,7 @@ def _wait_direct(gw: GatewayUnderTest, model: str, version: str, replicas: int) 
 
 
 def test_a_replica_version_answers_over_the_direct_channel(gateway: GatewayUnderTest) -> None:
-    ingress = _wait_direct(gateway, "digits", "v1", 1)
-    assert ingress["placement"] == "replica" and ingress["connected"] == 1
+    _wait_direct(gateway, "digits", "v1", 1)
     x = heldout(gateway.registry, "digits")[0][:20]
     r = httpx.post(
         f"{gateway.url}/v1/models/digits/versions/v1:predict",
@@ -53,27 +54,48 @@ def test_a_replica_version_answers_over_the_direct_channel(gateway: GatewayUnder
         timeout=30,
     )
     assert r.status_code == 200, r.text
+    # The connection opens on the first request that goes direct.
+    ingress = _batching(gateway, "digits", "v1")["ingress"]
+    assert ingress["placement"] == "replica" and ingress["connected"] == 1, ingress
     got = [p["label"] for p in r.json()["predictions"]]
     np.testing.assert_array_equal(got, direct(gateway.registry, "digits", "v1", x)["label"])
     assert _batching(gateway, "digits", "v1fused")["ingress"] == {"placement": "fused"}
 
 
-async def _burst_over_open_connections(url: str, path: str, body: bytes, n: int) -> list[int]:
-    """Open `n` keep-alive connections first, then write one request on each, all at
-    once; the batch size each answer ran in."""
+async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 answer's head and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+    return head, await reader.readexactly(length)
+
+
+async def _burst_over_open_connections(
+    url: str, path: str, body: bytes, n: int, ingress_pid: int
+) -> list[int]:
+    """Open `n` keep-alive connections and use each once (so the server has accepted
+    them all), then write one request on each while the ingress process is held still
+    (SIGSTOP): when it resumes all of them wait in its sockets, a burst however slowly
+    this client writes. The batch size each answer ran in."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     conns = [await asyncio.open_connection(host, int(port)) for _ in range(n)]
+    for reader, writer in conns:
+        writer.write(f"GET /healthz HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
+        head, _ = await _answer(reader)
+        assert head.startswith(b"HTTP/1.1 200"), head
     request = (
         f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\n\r\n"
     ).encode() + body
-    for _, writer in conns:
-        writer.write(request)
+    os.kill(ingress_pid, signal.SIGSTOP)
+    try:
+        for _, writer in conns:
+            writer.write(request)  # small: the kernel takes it now, no drain needed
+        await asyncio.sleep(0.05)
+    finally:
+        os.kill(ingress_pid, signal.SIGCONT)
     sizes = []
     for reader, writer in conns:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
-        await reader.readexactly(length)
+        head, _ = await _answer(reader)
         assert head.startswith(b"HTTP/1.1 200"), head
         sizes.append(int(re.search(rb"x-serving-batch-size: (\d+)", head).group(1)))  # type: ignore[union-attr]
         writer.close()
@@ -102,12 +124,18 @@ def test_a_burst_batches_whatever_the_placement(gateway: GatewayUnderTest) -> No
     image = heldout(gateway.registry, "digits")[0][:1].tolist()
     body = orjson.dumps({"instances": image})
     _wait_direct(gateway, "digits", "v1", 1)
+    # A fused version runs in the ingress's own process: its pid is the ingress's.
+    ingress_pid = int(_batching(gateway, "digits", "v1fused")["replica"].rsplit("@", 1)[1])
     for version in ("v1fused", "v1"):
         before = _batches_over_one(gateway, version)
         for _ in range(3):  # every burst batches, not one in a while
             sizes = asyncio.run(
                 _burst_over_open_connections(
-                    gateway.url, f"/v1/models/digits/versions/{version}:predict", body, 64
+                    gateway.url,
+                    f"/v1/models/digits/versions/{version}:predict",
+                    body,
+                    64,
+                    ingress_pid,
                 )
             )
             assert max(sizes) > 1, (version, sizes)
