@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from serving.cli import features, models, predict, rollout, up
 
-app = typer.Typer(help="Low-latency model serving gateway.", no_args_is_help=True)
+app = typer.Typer(
+    help="Low-latency model serving gateway.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 app.command()(up.up)
 app.command()(predict.predict)
 app.add_typer(models.models_app, name="models")
@@ -17,4 +22,13 @@ app.add_typer(rollout.rollout_app, name="rollout")
 
 
 def main() -> None:
-    app()
+    """Every error the commands do not name themselves still ends as one line on stderr
+    and exit status 1, never a traceback (SERVING_CLI_TRACEBACK=1 shows it)."""
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get("SERVING_CLI_TRACEBACK") == "1":
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {message}".rstrip(": "), file=sys.stderr)
+        raise SystemExit(1) from None

@@ -36,7 +36,12 @@ def predict(
     """Send one prediction request and print the answer."""
     if protocol not in ("v1", "v2", "grpc"):
         fail(f"--protocol must be v1, v2 or grpc, not {protocol!r}")
-    text = Path(instances[1:]).read_text() if instances.startswith("@") else instances
+    text = instances
+    if instances.startswith("@"):
+        try:
+            text = Path(instances[1:]).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"--instances {instances}: cannot read the file: {exc}")
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from serving.dataplane.invoke import VersionCaller
-from serving.dataplane.routing import Router
+from serving.dataplane.routing import OTHER, Router
 from serving.dataplane.shadow import ShadowSender, ShadowStats
 from serving.models.registry import Arrays, Manifest
 from serving.models.worker import ReplicaResult
@@ -62,7 +62,12 @@ class AfterPredict:
         """Every request that reached the data plane, answered or not. Shed requests
         (arm "none") and unknown names are no version's fault: not in rollout figures."""
         metrics().requests.add(1, model, version, arm, protocol, code)
-        if self._stats is not None and version and arm != "none" and code != "not_found":
+        if (
+            self._stats is not None
+            and version not in ("", OTHER)
+            and arm != "none"
+            and code != "not_found"
+        ):
             self._stats.request(model, version, latency_s, code in SERVER_FAULTS)
 
     def answered(

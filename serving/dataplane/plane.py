@@ -110,14 +110,16 @@ class DataPlane:
         field) → the answering version's outputs."""
         t0 = req.started
         await self.monitor.ensure_started()
+        # Names as metric labels and admission keys: bounded (Catalog.labels).
+        tag, v = self.catalog.labels(model, version)
         try:
-            self.admission.enter(model)
+            self.admission.enter(tag)
         except Overloaded as exc:
-            self.hooks.outcome(model, version or "", "none", req.protocol, exc.code, 0.0)
+            self.hooks.outcome(tag, v, "none", req.protocol, exc.code, 0.0)
             raise
         s = self._settings
         deadline = min(req.timeout_s or s.request_timeout_s, s.request_timeout_s)
-        v, arm, code = version or "", "stable", "ok"
+        arm, code = "stable", "ok"
         try:
             v, arm, manifest = self.catalog.choose(
                 model, version, req.pinned, instances, tensors, req.headers
@@ -134,15 +136,18 @@ class DataPlane:
                 arrays,
                 # No other request for this model is in flight here: a fast version
                 # may answer it inline (serving.models.worker.ModelWorker.predict).
-                self.admission.alone(model),
+                self.admission.alone(tag),
             )
             t_end = time.perf_counter()
         except ServingError as exc:
             code = exc.code
             raise
+        except Exception:
+            code = "internal"  # a bug, not a success: it counts against the version
+            raise
         finally:
-            self.admission.leave(model)
-            self.hooks.outcome(model, v, arm, req.protocol, code, time.perf_counter() - t0)
+            self.admission.leave(tag)
+            self.hooks.outcome(tag, v, arm, req.protocol, code, time.perf_counter() - t0)
         timings = {
             "decode": t_decoded - t0 - t_features,
             "features": t_features,

@@ -64,6 +64,10 @@ class StaticRouter:
         return None
 
 
+# The one label value of every model or version name that is not served here.
+OTHER = "_other"
+
+
 class Catalog:
     """Configured models, their manifests, the versions served, and the route."""
 
@@ -103,6 +107,16 @@ class Catalog:
             except ConfigError as exc:
                 raise NotReady(f"{model}/{version}: {exc}") from None
         return m
+
+    def labels(self, model: str, version: str | None) -> tuple[str, str]:
+        """Metric labels for a request's names: only configured models and versions
+        known here become label values, every other name counts under OTHER, so that
+        unauthenticated requests cannot create series (or in-flight entries) at will."""
+        if model not in self._dep.models:
+            return OTHER, OTHER if version else ""
+        if not version:
+            return model, ""
+        return model, version if (model, version) in self.manifests else OTHER
 
     def resolve(self, model: str, version: str | None) -> tuple[str, Manifest]:
         """A served version of a configured model (default: the stable one), or 404."""

@@ -143,6 +143,18 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
 
 
+MAX_REQUEST_ID = 128
+
+
+def usable_request_id(value: str | bytes) -> bool:
+    """A client's request id is echoed and stored only when short and printable ASCII
+    (no spaces, no control characters): anything else is replaced by a fresh one."""
+    if not value or len(value) > MAX_REQUEST_ID:
+        return False
+    raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
+    return all(0x21 <= c <= 0x7E for c in raw)
+
+
 def given_request_id(value: str | None) -> str:
-    """The client's request id (at most 128 characters), or a fresh one."""
-    return value[:128] if value else new_request_id()
+    """The client's request id when usable (usable_request_id), or a fresh one."""
+    return value if value and usable_request_id(value) else new_request_id()

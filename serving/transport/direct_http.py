@@ -27,7 +27,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from serving.transport.context import REQUEST_ID, new_request_id
+from serving.transport.context import REQUEST_ID, new_request_id, usable_request_id
 from serving.transport.http import ARRIVAL, WRITE
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,10 @@ class RequestIdMiddleware:
             counted.waiting -= 1
         headers = scope.get("headers", [])
         rid = next((v for k, v in headers if k == _REQUEST_ID), None)
-        if rid is None:
+        if rid is None or not usable_request_id(rid):
             rid = new_request_id().encode()
-            scope = {**scope, "headers": [*headers, (_REQUEST_ID, rid)]}
+            kept = [(k, v) for k, v in headers if k != _REQUEST_ID]
+            scope = {**scope, "headers": [*kept, (_REQUEST_ID, rid)]}
         echo = (_REQUEST_ID, rid)
 
         async def send_with_id(message: Any) -> None:

@@ -91,15 +91,25 @@ async def read_body(
     return bytes(body)
 
 
+def _int_or_float(literal: str) -> int | float:
+    """An integer literal; one too long for 64 bits becomes a float (inf when beyond
+    float range), which validation then refuses naming the field."""
+    return int(literal) if len(literal) <= 18 else float(literal)
+
+
 def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         # Error path only: the stdlib parser accepts NaN/Infinity literals (as Python's
         # json.dumps writes them), so validation can name the field that holds one.
+        # What orjson refuses for other reasons stays refused: nesting past the
+        # recursion limit, strings with lone UTF-16 surrogates (no valid text).
         try:
-            return json.loads(body)
-        except ValueError:
+            value = json.loads(body, parse_int=_int_or_float)
+            json.dumps(value, allow_nan=True, ensure_ascii=False).encode()
+            return value
+        except (ValueError, RecursionError):  # UnicodeError is a ValueError
             raise MalformedRequest(f"body is not valid JSON: {exc}") from None
 
 

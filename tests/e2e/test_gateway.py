@@ -272,6 +272,46 @@ def test_bad_requests_get_the_right_4xx_naming_the_problem(gateway: GatewayUnder
     assert _error(r, 400)["field"] == "x-request-timeout-ms"
 
 
+def test_hostile_input_is_a_4xx_never_a_5xx(gateway: GatewayUnderTest) -> None:
+    """Each of these was a 500: the class (what the JSON parser refuses for nesting or
+    surrogates, numbers beyond float range, names that may not become metric labels)."""
+    json_type = {"content-type": "application/json"}
+    nested = b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    huge = b'{"instances": [[' + b"1" + b"0" * 400 + b"]]}"
+    surrogate = b'{"instances": [{"user_id": "\\ud800", "merchant_id": "m1", "amount": 1}]}'
+    routes = ("/v1/models/digits:predict", "/v2/models/digits/infer", "/v1/feedback")
+    for route in routes:
+        for body in (nested, b"[" * 5000, surrogate):
+            r = httpx.post(gateway.url + route, content=body, headers=json_type, timeout=30)
+            assert 400 <= r.status_code < 500, (route, body[:40], r.status_code, r.text)
+    r = httpx.post(
+        gateway.url + "/v1/models/fraud:predict", content=surrogate, headers=json_type, timeout=30
+    )
+    assert _error(r, 400)["code"] == "malformed_request"
+    r = httpx.post(
+        gateway.url + "/v1/models/digits:predict", content=huge, headers=json_type, timeout=30
+    )
+    assert 400 <= r.status_code < 500, r.text
+    for path in ("/v1/models/%C3%A9:predict", "/v1/models/digits/versions/%C3%A9:predict"):
+        assert _error(post(gateway, path, {"instances": [[1]]}), 404)["code"] == "not_found"
+    tensor = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}
+    r = post(gateway, "/v2/models/%C3%A9/infer", {"inputs": [tensor]})
+    assert r.status_code == 404, r.text
+
+
+def test_request_ids_are_echoed_only_when_short_and_printable(gateway: GatewayUnderTest) -> None:
+    body = {"instances": [[[0.0] * 8] * 8]}
+    for given in ("x" * 129, "a b", "tab\there"):
+        r = post(gateway, "/v1/models/digits:predict", body, headers={"x-request-id": given})
+        assert r.status_code == 200, r.text
+        echoed = r.headers["x-request-id"]
+        assert echoed != given and len(echoed) == 32 and r.json()["request_id"] == echoed
+    r = post(
+        gateway, "/v1/models/digits:predict", body, headers={"x-request-id": "ok-" + "x" * 125}
+    )
+    assert r.headers["x-request-id"] == "ok-" + "x" * 125
+
+
 def test_headers_request_id_and_server_timing(gateway: GatewayUnderTest) -> None:
     r = post(
         gateway,

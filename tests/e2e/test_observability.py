@@ -315,3 +315,42 @@ def test_every_dashboard_query_returns_data(gateway: GatewayUnderTest, prometheu
         time.sleep(2)
     empty = [f"{title}: {expr}" for title, expr in pending]
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+
+def _metric_total(gw: GatewayUnderTest, name: str, model: str, version: str) -> float:
+    """The sum of every series of `name` for one version (all processes of the node)."""
+    text = httpx.get(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if (
+            line.startswith(name + "{")
+            and f'model="{model}"' in line
+            and f'version="{version}"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_histogram_sums_match_the_traffic_sent(gateway: GatewayUnderTest) -> None:
+    """Every mean a dashboard computes is `_sum / _count`: after known traffic the
+    batch-size histogram's sum grows by exactly the rows sent, its count by the batches."""
+    from tests.e2e.test_gateway import heldout
+
+    images = heldout(gateway.registry, "digits")[0]
+    name = "ray_serving_batch_size"
+    before_sum = _metric_total(gateway, name + "_sum", "digits", "v1fused")
+    before_count = _metric_total(gateway, name + "_count", "digits", "v1fused")
+    rows = 0
+    for n in (1, 3, 5, 7):  # one request at a time: one batch each
+        r = predict(gateway, "digits", "v1fused", images[:n].tolist())
+        assert r.status_code == 200, r.text
+        rows += n
+    deadline = time.monotonic() + 30
+    while True:
+        grown = _metric_total(gateway, name + "_sum", "digits", "v1fused") - before_sum
+        batches = _metric_total(gateway, name + "_count", "digits", "v1fused") - before_count
+        if grown >= rows and batches >= 4:
+            break
+        assert time.monotonic() < deadline, f"sum grew {grown} of {rows}, count {batches}"
+        time.sleep(0.5)
+    assert (grown, batches) == (rows, 4)

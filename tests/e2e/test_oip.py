@@ -268,6 +268,9 @@ def test_errors_reach_grpc_clients_as_their_status_codes(gateway: GatewayUnderTe
     assert code == "StatusCode.NOT_FOUND" and "version 'v9'" in msg
     code, msg = status_of(lambda: rpc.is_model_ready("nope"))
     assert code == "StatusCode.NOT_FOUND"
+    for model, version in (("\u00e9", ""), ("digits", "\u00e9")):  # no metric label: 404
+        code, msg = status_of(lambda m=model, v=version: rpc.infer(m, image, model_version=v))
+        assert code == "StatusCode.NOT_FOUND", msg
     flat = triton_inputs(tgrpc, {"image": x[:2].reshape(2, 64)})
     code, msg = status_of(lambda: rpc.infer("digits", flat))
     assert code == "StatusCode.INVALID_ARGUMENT"

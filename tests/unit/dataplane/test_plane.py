@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from serving.dataplane import DataPlane
-from serving.dataplane.routing import Arm
+from serving.dataplane.routing import OTHER, Arm
 from serving.errors import DeadlineExceeded, ModelError, NotFound, Overloaded
 from serving.models.worker import ReplicaResult
+from serving.observability.metrics import metrics
 from serving.settings import DeploymentFile, Settings
 from serving.transport.context import RequestContext
 
@@ -138,7 +139,25 @@ async def test_pins_and_unknown_names(tmp_path: Path) -> None:
         await plane.predict(ctx(), "m", "v9", instances=[[1, 1]])
     with pytest.raises(NotFound, match="model 'nope'"):
         await plane.predict(ctx(), "nope", None, instances=[[1, 1]])
-    assert plane.admission.inflight == {"m": 0, "nope": 0}
+    assert plane.admission.inflight == {"m": 0, OTHER: 0}
+
+
+async def test_names_that_are_not_served_share_one_label(tmp_path: Path) -> None:
+    """Unauthenticated callers choose the names in a path: only served ones may become
+    metric label values or in-flight entries, whatever they send."""
+    plane = DataPlane(
+        _deployment(tmp_path, ["v1"]), Settings(), _no_ray, local={("m", "v1"): Doubler()}
+    )
+    requests = metrics().requests
+    requests.flush()
+    for i in range(300):
+        for model, version in ((f"x{i}", None), ("\u00e9", f"w{i}"), ("m", f"w{i}")):
+            with pytest.raises(NotFound):
+                await plane.predict(ctx(), model, version, instances=[[1, 1]])
+    await plane.predict(ctx(), "m", "v1", instances=[[1, 1]])
+    labels = {(model, version) for model, version, *_ in requests._pending}
+    assert labels == {(OTHER, ""), (OTHER, OTHER), ("m", OTHER), ("m", "v1")}
+    assert set(plane.admission.inflight) == {"m", OTHER}
 
 
 async def test_past_the_limit_requests_are_shed(tmp_path: Path) -> None:
@@ -192,3 +211,27 @@ async def test_canary_statistics_and_the_shadow_copy(tmp_path: Path) -> None:
     with pytest.raises(ModelError):
         await plane.predict(ctx(), "m", None, instances=[[1, 2]])
     assert stats.requests[-1] == ("m", "v2", True)  # a server fault counts against it
+
+
+async def test_an_error_that_is_not_a_serving_error_counts_as_a_fault(tmp_path: Path) -> None:
+    """A bug in the gateway itself (not a ServingError) is no success: `internal` in the
+    metrics and a fault in the version's rollout statistics."""
+    stats = Stats()
+    plane = DataPlane(
+        _deployment(tmp_path, ["v1"]),
+        Settings(),
+        _no_ray,
+        local={("m", "v1"): Doubler()},
+        stats=stats,
+    )
+
+    def broken(*args: Any) -> Any:
+        raise KeyError("a bug")
+
+    plane.caller.call = broken  # type: ignore[method-assign]
+    requests = metrics().requests
+    requests.flush()
+    with pytest.raises(KeyError):
+        await plane.predict(ctx(), "m", None, instances=[[1, 1]])
+    assert stats.requests == [("m", "v1", True)]
+    assert [key[-1] for key in requests._pending] == ["internal"]

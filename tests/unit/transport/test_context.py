@@ -8,7 +8,12 @@ import time
 
 import pytest
 
-from serving.transport.context import inbound_s, new_request_id
+from serving.transport.context import (
+    given_request_id,
+    inbound_s,
+    new_request_id,
+    usable_request_id,
+)
 
 
 def _stamp_ago(seconds: float) -> tuple[int, float]:
@@ -108,3 +113,25 @@ def test_the_smallest_deadline_wins_and_the_body_id_keys_the_record() -> None:
     assert ctx.record_id == "header-id"
     ctx.body_id = "body-id"
     assert ctx.record_id == "body-id"
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("abc-123", True),
+        ("x" * 128, True),
+        ("x" * 129, False),  # too long to echo or store
+        ("a b", False),
+        ("tab\there", False),
+        ("new\r\nline", False),
+        ("caf\u00e9", False),  # not ASCII
+        ("", False),
+    ],
+)
+def test_request_ids_kept_only_when_short_and_printable(given: str, kept: bool) -> None:
+    assert usable_request_id(given) is kept
+    assert usable_request_id(given.encode("latin-1", "replace")) is kept
+    rid = given_request_id(given)
+    assert (rid == given) is kept
+    if not kept:
+        assert len(rid) == 32 and usable_request_id(rid)
