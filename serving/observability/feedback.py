@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ACCURACY_WINDOWS = {"5m": 300, "1h": 3600}
 FLUSH_EVERY_S = 0.05
 FLUSH_TIMEOUT_S = 2.0
+LABEL_TIMEOUT_S = 2.0  # a feedback request's Redis work, all of it
 MAX_PENDING = 50_000  # beyond this, records are dropped (counted) rather than queued
 
 
@@ -105,26 +106,40 @@ class FeedbackStore:
         if self._mux is not None:
             await self._mux.aclose()
 
-    async def label(self, items: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
-        """Join labels with their predictions. All ids must exist, or nothing is
-        applied (404 naming the missing ids)."""
+    async def label(
+        self, items: Sequence[tuple[str, Any]], timeout_s: float = LABEL_TIMEOUT_S
+    ) -> list[dict[str, Any]]:
+        """Join labels with their predictions, all or nothing: every id must exist and
+        every label fit its record (404, 422 or 409 naming the first that does not)
+        before any is stored or counted. Redis down or not answering within `timeout_s`
+        is a 503."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._label(items)
+        except (RedisError, OSError) as exc:
+            why = str(exc) or type(exc).__name__
+            raise FeatureStoreUnavailable(f"Redis unavailable for feedback: {why}") from None
+        except TimeoutError:
+            raise FeatureStoreUnavailable(
+                f"Redis did not answer within {timeout_s:g} s; feedback not stored, retry"
+            ) from None
+
+    async def _label(self, items: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
         await self.flush()  # this replica's own recent predictions are joinable at once
         r = self._redis()
         pipe = r.pipeline(transaction=False)
         for rid, _ in items:
             pipe.hmget(keys.prediction(self._ns, rid), ["rec", "label"])
-        try:
-            docs = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise FeatureStoreUnavailable(f"Redis unavailable for feedback: {exc}") from None
+        docs = await pipe.execute()
         missing = [rid for (rid, _), (rec, _) in zip(items, docs) if rec is None]
         if missing:
             shown = ", ".join(repr(m) for m in missing[:10])
             raise NotFound(
                 f"no prediction for request id {shown} (unknown or expired)", field="request_id"
             )
-        results: list[dict[str, Any]] = []
-        updates: list[tuple[str, str, str, int, int]] = []
+        # Check every item before storing any.
+        checked_items: list[tuple[str, dict[str, Any], list[Any], str, bool]] = []
+        given: dict[str, str] = {}
         for (rid, label), (rec, old) in zip(items, docs):
             record = json.loads(rec)
             pred = record["pred"]
@@ -135,20 +150,29 @@ class FeedbackStore:
                     field="label",
                 )
             encoded = json.dumps(labels)
-            if old is not None:
-                if old != encoded:
-                    raise Conflict(f"request {rid!r} already has a different label")
+            if (old is not None and old != encoded) or given.get(rid, encoded) != encoded:
+                raise Conflict(f"request {rid!r} already has a different label")
+            checked_items.append((rid, record, pred, encoded, old is not None or rid in given))
+            given[rid] = encoded
+        # Claim every new label in one transaction (all or none of them stored); a
+        # label a concurrent call claimed first is a duplicate here, not counted twice.
+        tx = r.pipeline(transaction=True)
+        for rid, _, _, encoded, known in checked_items:
+            if not known:
+                tx.hsetnx(keys.prediction(self._ns, rid), "label", encoded)
+        claims = iter(await tx.execute() if len(tx) else [])
+        results: list[dict[str, Any]] = []
+        updates: list[tuple[str, str, str, int, int]] = []
+        for rid, record, pred, encoded, known in checked_items:
+            if known or not next(claims):
                 results.append({"request_id": rid, "duplicate": True})
                 continue
+            labels = json.loads(encoded)
             correct = sum(int(p == lab) for p, lab in zip(pred, labels))
             updates.append((rid, record["model"], record["version"], len(pred), correct))
             results.append(
                 {"request_id": rid, "duplicate": False, "correct": correct, "instances": len(pred)}
             )
-            # Claim the label first: a concurrent duplicate must not count twice.
-            if not await r.hsetnx(keys.prediction(self._ns, rid), "label", encoded):
-                results[-1] = {"request_id": rid, "duplicate": True}
-                updates.pop()
         await self._count(updates)
         return results
 

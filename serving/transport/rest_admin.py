@@ -7,8 +7,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from serving.dataplane import DataPlane
 from serving.errors import MalformedRequest, ServingError, Unauthenticated
@@ -89,13 +90,24 @@ def build_router(
         check(request)
         return json_response(await plane.monitor.batching(name, version))
 
-    @router.put("/admin/v1/models/{name}/versions/{version}/batching")
-    async def put_batching(
-        name: str, version: str, update: BatchingUpdate, request: Request
-    ) -> Response:
+    @router.put(
+        "/admin/v1/models/{name}/versions/{version}/batching",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": BatchingUpdate.model_json_schema()}},
+            }
+        },
+    )
+    async def put_batching(name: str, version: str, request: Request) -> Response:
         """Change batching on the running deployment (Ray Serve reconfigure; no restart)."""
-        check(request)
+        check(request)  # before the body is read: no work for a caller without the token
         plane.catalog.resolve(name, version)
+        body = await read_json(request, settings.max_body_bytes)
+        try:
+            update = BatchingUpdate.model_validate(body)
+        except ValidationError as exc:  # answered as FastAPI's own body validation is
+            raise RequestValidationError(exc.errors()) from None
         try:
             override = BatchingOverride.model_validate(update.model_dump())
         except ValueError as exc:

@@ -223,6 +223,14 @@ def test_admin_needs_the_token(gateway: GatewayUnderTest) -> None:
     r = httpx.put(base, headers=wrong, json={"max_batch_size": 2}, timeout=10)
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "unauthenticated"
+    # The token is checked before the body is read: a bad body without it is a 401 too.
+    for body in (b"not json", b'{"max_batch_size": "many"}'):
+        r = httpx.put(base, headers=wrong, content=body, timeout=10)
+        assert r.status_code == 401, r.text
+    # With it, a body of the wrong type is a 400 naming the field.
+    admin = gateway.admin()
+    r = httpx.put(base, headers=admin, json={"max_batch_size": "many"}, timeout=10)
+    assert _error(r, 400)["field"] == "max_batch_size"
 
 
 def _error(r: httpx.Response, status: int) -> dict[str, str]:
