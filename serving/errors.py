@@ -106,6 +106,16 @@ class FeatureStoreUnavailable(ServingError):
     code = "feature_store_unavailable"
 
 
+class StateStoreUnavailable(ServingError):
+    """Redis, which holds rollout state, delayed labels and statistics, is down or did
+    not answer in time: nothing was changed, retry."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code = "state_store_unavailable"
+    retry_after_s = 1
+
+
 class DeadlineExceeded(ServingError):
     http_status = 504
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -9,12 +9,34 @@ fails again immediately), so no deadline grows.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from serving.errors import StateStoreUnavailable
+
+
+@contextlib.asynccontextmanager
+async def state_store(what: str, timeout_s: float) -> AsyncIterator[None]:
+    """Redis work an admin or feedback call waits for: all of it within `timeout_s`,
+    and Redis down or hung is a clear 503 (StateStoreUnavailable), not a 500."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:  # before OSError, of which it is a subclass
+        raise StateStoreUnavailable(
+            f"{what}: Redis did not answer within {timeout_s:g} s; nothing changed, retry"
+        ) from None
+    except (RedisError, OSError) as exc:
+        why = str(exc) or type(exc).__name__
+        raise StateStoreUnavailable(f"{what}: Redis unavailable: {why}") from None
 
 
 def reconnect_once() -> dict[str, Any]:

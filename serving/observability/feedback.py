@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from serving import keys, redis_conn
 from serving.background import every
-from serving.errors import Conflict, FeatureStoreUnavailable, InvalidInput, NotFound
+from serving.errors import Conflict, InvalidInput, NotFound
 from serving.features.resp import MultiplexedRedis, checked
 from serving.observability.metrics import metrics
 from serving.rollouts.stats import bucket_start
@@ -113,16 +113,8 @@ class FeedbackStore:
         every label fit its record (404, 422 or 409 naming the first that does not)
         before any is stored or counted. Redis down or not answering within `timeout_s`
         is a 503."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self._label(items)
-        except (RedisError, OSError) as exc:
-            why = str(exc) or type(exc).__name__
-            raise FeatureStoreUnavailable(f"Redis unavailable for feedback: {why}") from None
-        except TimeoutError:
-            raise FeatureStoreUnavailable(
-                f"Redis did not answer within {timeout_s:g} s; feedback not stored, retry"
-            ) from None
+        async with redis_conn.state_store("feedback", timeout_s):
+            return await self._label(items)
 
     async def _label(self, items: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
         await self.flush()  # this replica's own recent predictions are joinable at once

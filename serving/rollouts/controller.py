@@ -22,13 +22,15 @@ from serving import keys
 from serving.background import every
 from serving.errors import Conflict, InvalidInput, NotFound
 from serving.observability.metrics import metrics
-from serving.redis_conn import LazyClient
+from serving.redis_conn import LazyClient, state_store
 from serving.rollouts.analysis import Decision, RolloutSpec, RolloutState, analyze
 from serving.rollouts.stats import StatsStore
 from serving.rollouts.table import RoutingTable
 from serving.rollouts.tables import TableRouter
 
 log = logging.getLogger(__name__)
+
+ADMIN_TIMEOUT_S = 5.0  # all the Redis work of one rollout command or status call
 
 Deploy = Callable[[str, list[str]], Awaitable[None]]  # model, versions to have running
 Retire = Callable[[str, list[str]], Awaitable[None]]  # model, versions to remove
@@ -109,7 +111,11 @@ class RolloutController:
 
     # ---- commands --------------------------------------------------------------------
     async def run(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One admin command, serialised per replica."""
+        """One admin command, serialised per replica; Redis down or hung is a 503."""
+        async with state_store("rollout command", ADMIN_TIMEOUT_S):
+            return await self._run(model, action, body)
+
+    async def _run(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
         await self.ensure_started()
         assert self._op_lock is not None
         async with self._op_lock:
@@ -126,7 +132,7 @@ class RolloutController:
             if handler is None:
                 raise InvalidInput(f"unknown action {action!r}", field="action")
             await handler(model, body)
-        return await self.status(model)
+        return await self._status(model)
 
     def _decision(
         self,
@@ -300,6 +306,12 @@ class RolloutController:
         )
 
     async def status(self, model: str) -> dict[str, Any]:
+        """Routing, rollout state, window figures and history; Redis down or hung is a
+        503."""
+        async with state_store("rollout status", ADMIN_TIMEOUT_S):
+            return await self._status(model)
+
+    async def _status(self, model: str) -> dict[str, Any]:
         await self.ensure_started()
         table = self._table(model)
         # Table and state from one read: a decision writes both in one transaction, so

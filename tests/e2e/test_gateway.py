@@ -126,6 +126,14 @@ def test_redis_down_then_back(gateway: GatewayUnderTest) -> None:
             assert elapsed < 0.5 + 1.0  # the feature deadline plus a generous margin
             r = post(gateway, "/v1/models/fraud/versions/v1strict:predict", {"instances": recs})
             assert _error(r, 503)["code"] == "feature_store_unavailable"
+        # What needs Redis itself (rollout state, labels) says so: a 503, never a 500.
+        r = httpx.get(
+            f"{gateway.url}/admin/v1/models/fraud/rollout", headers=gateway.admin(), timeout=30
+        )
+        assert _error(r, 503)["code"] == "state_store_unavailable"
+        assert r.headers["retry-after"] == "1"
+        r = post(gateway, "/v1/feedback", {"request_id": "any", "label": 1})
+        assert _error(r, 503)["code"] == "state_store_unavailable"
     finally:
         gateway.redis.start()
     for view, key in (("user_stats", "user_id"), ("merchant_stats", "merchant_id")):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.errors import Conflict, FeatureStoreUnavailable, InvalidInput, NotFound
+from serving.errors import Conflict, InvalidInput, NotFound, StateStoreUnavailable
 from serving.observability.feedback import FeedbackStore
 from tests.conftest import RedisServer
 
@@ -50,7 +50,7 @@ async def test_a_hung_redis_is_a_503_within_the_deadline(own_redis: RedisServer)
     os.kill(own_redis.proc.pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        with pytest.raises(FeatureStoreUnavailable, match=r"Redis (unavailable|did not answer)"):
+        with pytest.raises(StateStoreUnavailable, match=r"Redis (unavailable|did not answer)"):
             await store.label([("a", 1)], timeout_s=0.3)
         assert time.monotonic() - t0 < 1.5
     finally:
@@ -58,5 +58,5 @@ async def test_a_hung_redis_is_a_503_within_the_deadline(own_redis: RedisServer)
         await store.close()
     own_redis.stop()
     store = FeedbackStore(own_redis.url, "t", ttl_s=600)
-    with pytest.raises(FeatureStoreUnavailable, match="Redis unavailable"):
+    with pytest.raises(StateStoreUnavailable, match="Redis unavailable"):
         await store.label([("a", 1)])

@@ -48,6 +48,7 @@ EXPECTED = {
     "NotReady": grpc.StatusCode.UNAVAILABLE,
     "Overloaded": grpc.StatusCode.UNAVAILABLE,
     "FeatureStoreUnavailable": grpc.StatusCode.UNAVAILABLE,
+    "StateStoreUnavailable": grpc.StatusCode.UNAVAILABLE,
     "DeadlineExceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "ModelError": grpc.StatusCode.INTERNAL,
 }
