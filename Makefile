@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test install models redis prometheus lint fmt clean bench
+.PHONY: up test install models redis prometheus lint fmt clean bench fuzz
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "[make] creating $(VENV) and installing pinned dependencies (first run takes minutes)"
@@ -38,6 +38,11 @@ prometheus:
 
 test: models prometheus
 	$(BIN)/python -m pytest -q -ra tests
+
+# The fuzz tests with many more examples, randomized (make test runs them derandomized).
+fuzz: models
+	SERVING_FUZZ_EXAMPLES=$${SERVING_FUZZ_EXAMPLES:-2000} SERVING_FUZZ_RANDOM=1 \
+		$(BIN)/python -m pytest -q -ra tests/e2e/test_fuzz.py
 
 bench: models
 	$(BIN)/python -m loadtests
