@@ -15,6 +15,9 @@ Invariants:
   failure.
 - More than `MAX_IN_FLIGHT` requests outstanding on one connection means Redis stopped
   answering: the connection is dropped (its requests fail) instead of queueing forever.
+- So does a request that finds the oldest one on its connection unanswered for longer
+  than `read_timeout_s` (a half-open connection: the server or the path to it is gone
+  without a FIN): the connection is dropped and this request opens a new one.
 
 Only `redis://` URLs (host, port, db, username, password); `supports` says so, and
 callers keep redis-py for the rest (TLS, unix sockets).
@@ -23,6 +26,7 @@ callers keep redis-py for the rest (TLS, unix sockets).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ import hiredis
 from redis.exceptions import ResponseError
 
 MAX_IN_FLIGHT = 4096
+READ_TIMEOUT_S = 2.0  # Redis answers in well under a millisecond; this is a dead link
 
 Command = Sequence[str | bytes]
 
@@ -61,6 +66,7 @@ def checked(replies: list[Any]) -> list[Any]:
 class _Waiter:
     fut: asyncio.Future[list[Any]]
     n: int  # replies this request expects
+    sent: float  # time.monotonic() when written
     replies: list[Any] = field(default_factory=list)
 
 
@@ -106,13 +112,17 @@ class _Connection(asyncio.Protocol):
                 w.fut.set_exception(err)
 
     # requests
-    def send(self, payload: bytes, n: int) -> asyncio.Future[list[Any]]:
+    def stalled(self, now: float, read_timeout_s: float) -> bool:
+        """The oldest request here has waited past `read_timeout_s` for its replies."""
+        return bool(self._waiting) and now - self._waiting[0].sent > read_timeout_s
+
+    def send(self, payload: bytes, n: int, now: float) -> asyncio.Future[list[Any]]:
         assert self._transport is not None
         if len(self._waiting) >= MAX_IN_FLIGHT:
             self.abort()
             raise ConnectionError(f"Redis left {MAX_IN_FLIGHT} requests unanswered")
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiter(fut, n))
+        self._waiting.append(_Waiter(fut, n, now))
         self._transport.write(payload)
         return fut
 
@@ -131,7 +141,9 @@ class MultiplexedRedis:
     error reply comes back as a `ResponseError` in its place; transport failures raise
     `ConnectionError` (an OSError); deadlines are the caller's (asyncio.timeout)."""
 
-    def __init__(self, url: str, connect_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self, url: str, connect_timeout_s: float = 1.0, read_timeout_s: float = READ_TIMEOUT_S
+    ) -> None:
         if not self.supports(url):
             raise ValueError(f"not a redis:// URL: {url}")
         u = urlsplit(url)
@@ -146,6 +158,7 @@ class MultiplexedRedis:
             setup.append(("SELECT", db))
         self._setup = setup
         self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
         self._conn: _Connection | None = None
         self._opening: asyncio.Future[_Connection] | None = None
 
@@ -155,9 +168,12 @@ class MultiplexedRedis:
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         conn = self._conn
+        now = time.monotonic()
+        if conn is not None and not conn.lost and conn.stalled(now, self._read_timeout_s):
+            conn.abort()  # half-open: its requests fail now, this one takes a new link
         if conn is None or conn.lost:
             conn = await self._connect()
-        return await conn.send(pack(commands), len(commands))
+        return await conn.send(pack(commands), len(commands), now)
 
     async def _connect(self) -> _Connection:
         # One attempt at a time, shared by every request that needs it; shielded so a
@@ -182,7 +198,8 @@ class MultiplexedRedis:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, conn = await loop.create_connection(_Connection, self._host, self._port)
                 if self._setup:
-                    checked(await conn.send(pack(self._setup), len(self._setup)))
+                    setup = conn.send(pack(self._setup), len(self._setup), time.monotonic())
+                    checked(await setup)
         except BaseException:
             if conn is not None:
                 conn.close()

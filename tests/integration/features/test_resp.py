@@ -174,3 +174,45 @@ async def test_a_connect_attempt_everyone_gave_up_on_is_not_reused() -> None:
     finally:
         await mux.aclose()
         server.close()
+
+
+async def test_a_half_open_connection_is_dropped_after_the_read_timeout(
+    own_redis: RedisServer,
+) -> None:
+    """The link to Redis dies without a FIN (here: a proxy whose first connection
+    swallows everything): requests time out at their deadlines, and once the oldest has
+    waited past the read timeout the next request drops the link and opens a new one,
+    instead of timing out until thousands are outstanding."""
+    accepted: list[int] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        if len(accepted) == 1:  # the half-open one: reads, never answers
+            while await reader.read(65536):
+                pass
+            writer.close()
+            return
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", own_redis.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = MultiplexedRedis(f"redis://127.0.0.1:{port}/0", read_timeout_s=0.3)
+    try:
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await client.execute([("PING",)])
+        await asyncio.sleep(0.35)  # the oldest unanswered request is now past 0.3 s
+        async with asyncio.timeout(2):
+            assert await client.execute([("PING",)]) == ["PONG"]
+        assert len(accepted) == 2
+    finally:
+        await client.aclose()
+        server.close()
