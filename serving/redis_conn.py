@@ -24,15 +24,17 @@ from serving.errors import StateStoreUnavailable
 
 
 @contextlib.asynccontextmanager
-async def state_store(what: str, timeout_s: float) -> AsyncIterator[None]:
-    """Redis work an admin or feedback call waits for: all of it within `timeout_s`,
-    and Redis down or hung is a clear 503 (StateStoreUnavailable), not a 500."""
+async def state_store(what: str, timeout_s: float | None) -> AsyncIterator[None]:
+    """Redis work an admin or feedback call waits for: all of it within `timeout_s`
+    (None: each Redis call within the client's socket timeout, for a call that also
+    waits for other things, such as a deployment), and Redis down or hung is a clear
+    503 (StateStoreUnavailable), not a 500."""
     try:
         async with asyncio.timeout(timeout_s):
             yield
     except TimeoutError:  # before OSError, of which it is a subclass
         raise StateStoreUnavailable(
-            f"{what}: Redis did not answer within {timeout_s:g} s; nothing changed, retry"
+            f"{what}: Redis did not answer within {timeout_s or 0:g} s; nothing changed, retry"
         ) from None
     except (RedisError, OSError) as exc:
         why = str(exc) or type(exc).__name__

@@ -30,7 +30,7 @@ from serving.rollouts.tables import TableRouter
 
 log = logging.getLogger(__name__)
 
-ADMIN_TIMEOUT_S = 5.0  # all the Redis work of one rollout command or status call
+ADMIN_TIMEOUT_S = 5.0  # all the Redis work of one rollout status call
 
 Deploy = Callable[[str, list[str]], Awaitable[None]]  # model, versions to have running
 Retire = Callable[[str, list[str]], Awaitable[None]]  # model, versions to remove
@@ -111,8 +111,10 @@ class RolloutController:
 
     # ---- commands --------------------------------------------------------------------
     async def run(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One admin command, serialised per replica; Redis down or hung is a 503."""
-        async with state_store("rollout command", ADMIN_TIMEOUT_S):
+        """One admin command, serialised per replica; Redis down or hung is a 503. No
+        overall deadline: a command may wait for a deployment (each Redis call has the
+        client's socket timeout, and a deployment is not cut off half way)."""
+        async with state_store("rollout command", None):
             return await self._run(model, action, body)
 
     async def _run(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
