@@ -852,7 +852,7 @@ def _deploy(
         _wait_http(url, 120, None, url)
     progress("all Serve applications running and ready")
     apps = [
-        {**app, "args": {k: v for k, v in app["args"].items() if k != "admin_token"}}
+        {**app, "args": {k: v for k, v in app["args"].items() if k != "admin_token_sha256"}}
         for app in config["applications"]
     ]
     return {"applications": apps}

@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving import deploy
+from serving.auth import token_digest
 from serving.dataplane import DataPlane
 from serving.dataplane.invoke import ReplicaHandle
 from serving.dataplane.replicas import ReplicaWatch
@@ -44,7 +45,10 @@ class Gateway:
     """The HTTP and gRPC ingress; the ASGI app is built after __init__ inside the replica."""
 
     def __init__(
-        self, settings: dict[str, Any], deployment: dict[str, Any], admin_token: str | None
+        self,
+        settings: dict[str, Any],
+        deployment: dict[str, Any],
+        admin_token_sha256: str | None,
     ) -> None:
         self._settings = s = Settings.model_validate(settings)
         self._dep = DeploymentFile.model_validate(deployment)
@@ -78,7 +82,7 @@ class Gateway:
                 else None
             ),
         )
-        self._admin_token = admin_token
+        self._admin_digest = admin_token_sha256
         self._lock: asyncio.Lock | None = None  # made lazily inside the running loop
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
@@ -138,7 +142,7 @@ class Gateway:
         app = build_http_app(
             self._plane,
             s,
-            admin_token=self._admin_token,
+            admin_digest=self._admin_digest,
             rollouts=self._rollouts,
             labels=self._feedback,
             reconfigure=self._reconfigure,
@@ -191,9 +195,17 @@ def _fused_worker(s: Settings, dep: DeploymentFile, model: str, version: str) ->
 def gateway_app(args: dict[str, Any]) -> Application:
     # `bind` is added by @serve.deployment, which mypy cannot see through.
     app: Application = Gateway.bind(  # type: ignore[attr-defined]
-        args["settings"], args["deployment"], args.get("admin_token")
+        args["settings"], args["deployment"], _admin_digest(args)
     )
     return app
+
+
+def _admin_digest(args: dict[str, Any]) -> str | None:
+    """The admin token's digest from the app's args; a plain `admin_token` (a config
+    written by hand) is hashed here, so the replica never keeps it."""
+    if args.get("admin_token_sha256"):
+        return str(args["admin_token_sha256"])
+    return token_digest(args["admin_token"]) if args.get("admin_token") else None
 
 
 def model_app(args: dict[str, Any]) -> Application:

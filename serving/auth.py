@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 
 from serving.settings import Settings
+
+
+def token_digest(token: str) -> str:
+    """What the ingress keeps of the admin token: its SHA-256. Only the digest enters
+    Ray's config (and so Ray's logs and any driver's view of it); a presented token is
+    hashed and compared with it in constant time."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def read_token(settings: Settings) -> str | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ray import serve
 
+from serving.auth import token_digest
 from serving.errors import ConfigError
 from serving.models.registry import Registry
 from serving.settings import BatchingOverride, DeploymentFile, Settings, VersionConfig
@@ -130,7 +131,7 @@ def serve_config(
             "args": {
                 "settings": settings.model_dump(mode="json", exclude={"admin_token"}),
                 "deployment": dep.model_dump(mode="json"),
-                "admin_token": admin_token,
+                "admin_token_sha256": token_digest(admin_token) if admin_token else None,
             },
             "deployments": [
                 {

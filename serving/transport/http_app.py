@@ -24,7 +24,7 @@ def build_http_app(
     plane: DataPlane,
     settings: Settings,
     *,
-    admin_token: str | None,
+    admin_digest: str | None,
     rollouts: rest_admin.Rollouts | None = None,
     labels: rest_v1.Labels | None = None,
     reconfigure: rest_admin.Reconfigure | None = None,
@@ -48,7 +48,7 @@ def build_http_app(
     app.include_router(rest_v1.build_router(plane, settings, fast, labels))
     app.include_router(
         rest_admin.build_router(
-            plane, settings, admin_token=admin_token, rollouts=rollouts, reconfigure=reconfigure
+            plane, settings, admin_digest=admin_digest, rollouts=rollouts, reconfigure=reconfigure
         )
     )
     app.include_router(rest_v2.build_router(plane, settings, fast))

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
+from serving.auth import token_digest
 from serving.dataplane import DataPlane
 from serving.errors import MalformedRequest, ServingError, Unauthenticated
 from serving.settings import BatchingOverride, Settings
@@ -37,7 +38,7 @@ def build_router(
     plane: DataPlane,
     settings: Settings,
     *,
-    admin_token: str | None,
+    admin_digest: str | None,
     rollouts: Rollouts | None,
     reconfigure: Reconfigure | None,
 ) -> APIRouter:
@@ -46,9 +47,9 @@ def build_router(
     def check(request: Request) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if (
-            admin_token is None
+            admin_digest is None
             or scheme.lower() != "bearer"
-            or not hmac.compare_digest(token.encode(), admin_token.encode())
+            or not hmac.compare_digest(token_digest(token).encode(), admin_digest.encode())
         ):
             raise Unauthenticated("admin API needs 'Authorization: Bearer <token>'")
 

@@ -241,6 +241,24 @@ def test_admin_needs_the_token(gateway: GatewayUnderTest) -> None:
     assert _error(r, 400)["field"] == "max_batch_size"
 
 
+def test_the_admin_token_never_enters_rays_config(gateway: GatewayUnderTest) -> None:
+    """Any Ray driver can read the Serve config (and Ray logs the apps' arguments): it
+    holds the token's SHA-256, never the token, and the admin API still takes it."""
+    import hashlib
+
+    from ray.serve.context import _get_global_client
+
+    details = json.dumps(_get_global_client().get_serve_details())
+    assert gateway.token not in details
+    assert hashlib.sha256(gateway.token.encode()).hexdigest() in details
+    r = httpx.get(
+        f"{gateway.url}/admin/v1/models/fraud/versions/v2/batching",
+        headers=gateway.admin(),
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+
+
 def _error(r: httpx.Response, status: int) -> dict[str, str]:
     assert r.status_code == status, r.text
     err: dict[str, str] = r.json()["error"]

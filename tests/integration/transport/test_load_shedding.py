@@ -66,7 +66,7 @@ async def test_requests_past_the_limit_are_shed_at_once(
     settings = Settings(config=cfg)
     worker = GatedWorker(registry_root)
     plane = DataPlane(dep, settings, _no_ray, local={("digits", "v1"): worker})
-    app = build_http_app(plane, settings, admin_token=None)
+    app = build_http_app(plane, settings, admin_digest=None)
     server = DirectHttpServer(app, "127.0.0.1", free_port())
     await server.start()
     url = f"http://127.0.0.1:{server.port}"
