@@ -29,16 +29,19 @@ async def state_store(what: str, timeout_s: float | None) -> AsyncIterator[None]
     (None: each Redis call within the client's socket timeout, for a call that also
     waits for other things, such as a deployment), and Redis down or hung is a clear
     503 (StateStoreUnavailable), not a 500."""
+    deadline = asyncio.timeout(timeout_s)
     try:
-        async with asyncio.timeout(timeout_s):
+        async with deadline:
             yield
-    except TimeoutError:  # before OSError, of which it is a subclass
-        raise StateStoreUnavailable(
-            f"{what}: Redis did not answer within {timeout_s or 0:g} s; nothing changed, retry"
-        ) from None
-    except (RedisError, OSError) as exc:
+    except RedisError as exc:  # redis-py's own timeouts and connection errors too
         why = str(exc) or type(exc).__name__
         raise StateStoreUnavailable(f"{what}: Redis unavailable: {why}") from None
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # not ours (e.g. a deployment that did not come up): as it is
+        raise StateStoreUnavailable(
+            f"{what}: Redis did not answer within {timeout_s:g} s; nothing changed, retry"
+        ) from None
 
 
 def reconnect_once() -> dict[str, Any]:

@@ -130,7 +130,7 @@ class FeedbackStore:
                 f"no prediction for request id {shown} (unknown or expired)", field="request_id"
             )
         # Check every item before storing any.
-        checked_items: list[tuple[str, dict[str, Any], list[Any], str, bool]] = []
+        checked_items: list[tuple[str, dict[str, Any], list[Any], list[Any], str, bool]] = []
         given: dict[str, str] = {}
         for (rid, label), (rec, old) in zip(items, docs):
             record = json.loads(rec)
@@ -144,22 +144,22 @@ class FeedbackStore:
             encoded = json.dumps(labels)
             if (old is not None and old != encoded) or given.get(rid, encoded) != encoded:
                 raise Conflict(f"request {rid!r} already has a different label")
-            checked_items.append((rid, record, pred, encoded, old is not None or rid in given))
+            known = old is not None or rid in given
+            checked_items.append((rid, record, pred, labels, encoded, known))
             given[rid] = encoded
         # Claim every new label in one transaction (all or none of them stored); a
         # label a concurrent call claimed first is a duplicate here, not counted twice.
         tx = r.pipeline(transaction=True)
-        for rid, _, _, encoded, known in checked_items:
+        for rid, _, _, _, encoded, known in checked_items:
             if not known:
                 tx.hsetnx(keys.prediction(self._ns, rid), "label", encoded)
         claims = iter(await tx.execute() if len(tx) else [])
         results: list[dict[str, Any]] = []
         updates: list[tuple[str, str, str, int, int]] = []
-        for rid, record, pred, encoded, known in checked_items:
+        for rid, record, pred, labels, _, known in checked_items:
             if known or not next(claims):
                 results.append({"request_id": rid, "duplicate": True})
                 continue
-            labels = json.loads(encoded)
             correct = sum(int(p == lab) for p, lab in zip(pred, labels))
             updates.append((rid, record["model"], record["version"], len(pred), correct))
             results.append(
