@@ -11,13 +11,14 @@ share one Redis:
     <ns>:rollout:<model>:analyzed         when the analysis last looked, and its leader
     <ns>:rollout-leader                   the analysis leader lock (one ingress replica)
     <ns>:stats:<model>:<version>:<second> hash: per-arm counters of one 1 s bucket
+    <ns>:stats-batch:<id>                 marks a statistics batch applied (exactly once)
     <ns>:pred:<request id>                hash: a prediction record awaiting its label
     <ns>:acc:<model>:<version>:<minute>   hash: labelled / correct counts of one minute
 """
 
 from __future__ import annotations
 
-STATS_TTL_S = 3600  # per-arm statistics buckets; also the `analyzed` stamp
+STATS_TTL_S = 3600  # per-arm statistics buckets; also the `analyzed` stamp and batch marks
 ACCURACY_TTL_S = 2 * 24 * 3600  # accuracy minute buckets (the 1 h window, a day back)
 LEADER_TTL_MS = 5000  # the analysis leader lock, renewed while the leader lives
 HISTORY_MAX = 200  # rollout decisions kept per model (a list, trimmed; not a TTL)
@@ -54,6 +55,10 @@ def leader(ns: str) -> str:
 
 def stats(ns: str, model: str, version: str, bucket: int) -> str:
     return f"{ns}:stats:{model}:{version}:{bucket}"
+
+
+def stats_batch(ns: str, batch_id: str) -> str:
+    return f"{ns}:stats-batch:{batch_id}"
 
 
 def prediction(ns: str, request_id: str) -> str:

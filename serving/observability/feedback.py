@@ -3,11 +3,16 @@
 Every answered prediction of a model with a `label` output leaves a short-lived record
 in Redis (serving.keys.prediction: model, version, predicted labels; TTL from
 settings). Records are buffered in memory and written in one pipeline every 50 ms, off
-the request path. `POST /v1/feedback` joins labels with records: the first label for a
-request counts, a repeated identical one is a no-op, a different one is a conflict.
-Counts of labelled and correct predictions go to minute buckets per version
-(serving.keys.accuracy) for rolling accuracy, and to the rollout
-statistics so a canary's accuracy can be compared with stable's.
+the request path. Records Redis does not take (down, hung) stay buffered and go with the
+next write; only past MAX_PENDING buffered records are new ones dropped, and counted
+(`serving_dropped_rows_total`, kind `prediction_records`). Writing a record twice is
+harmless (HSET of the same value, EXPIRE).
+
+`POST /v1/feedback` joins labels with records: the first label for a request counts, a
+repeated identical one is a no-op, a different one is a conflict. Counts of labelled and
+correct predictions go to minute buckets per version (serving.keys.accuracy) for rolling
+accuracy, and to the rollout statistics so a canary's accuracy can be compared with
+stable's.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ ACCURACY_WINDOWS = {"5m": 300, "1h": 3600}
 FLUSH_EVERY_S = 0.05
 FLUSH_TIMEOUT_S = 2.0
 LABEL_TIMEOUT_S = 2.0  # a feedback request's Redis work, all of it
-MAX_PENDING = 50_000  # beyond this, records are dropped (counted) rather than queued
+MAX_PENDING = 50_000  # buffered records (~40 s at 1,300 req/s); beyond, new ones dropped
 
 
 class FeedbackStore:
@@ -49,6 +54,8 @@ class FeedbackStore:
         # Records are written over a multiplexed connection of their own (redis://).
         self._mux = MultiplexedRedis(redis_url) if MultiplexedRedis.supports(redis_url) else None
         self._pending: list[tuple[str, str]] = []  # (key, json record)
+        self._sending = 0  # records taken by a write whose outcome is not known yet
+        self._failing = False  # the last write failed (logged once per outage)
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
 
@@ -71,16 +78,23 @@ class FeedbackStore:
             counted = zip(classes.tolist(), counts.tolist())
         for cls, count in counted:
             metrics().predictions.add(count, model, version, str(cls))
-        if len(self._pending) >= MAX_PENDING:
+        if len(self._pending) + self._sending >= MAX_PENDING:
             self.dropped += 1
+            metrics().dropped_rows.add(1, "prediction_records")
             return
         doc = json.dumps({"model": model, "version": version, "pred": values, "ts": time.time()})
         self._pending.append((keys.prediction(self._ns, request_id), doc))
+
+    @property
+    def buffered(self) -> int:
+        """Records not yet in Redis."""
+        return len(self._pending) + self._sending
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, []
         if not pending:
             return
+        self._sending += len(pending)
         try:
             if self._mux is not None:  # the cheap way: pipelined over one connection
                 ttl = str(self._ttl_s)
@@ -94,8 +108,16 @@ class FeedbackStore:
                     pipe.expire(key, self._ttl_s)
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            self.dropped += len(pending)
-            log.warning("dropped %d prediction records: %s", len(pending), exc)
+            self._pending[:0] = pending  # again with the next write, oldest first
+            if not self._failing:
+                log.warning("prediction records wait in memory: Redis: %s", exc or type(exc))
+            self._failing = True
+        else:
+            if self._failing:
+                log.warning("prediction records reach Redis again")
+            self._failing = False
+        finally:
+            self._sending -= len(pending)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -130,6 +130,12 @@ class Metrics:
             "before answering (the direct channel).",
             tag_keys=("model", "version"),
         )
+        self.dropped_rows = BufferedCounter(
+            "serving_dropped_rows_total",
+            description="Prediction records and rollout statistics dropped because Redis "
+            "stayed unreachable longer than this replica's buffer for them holds.",
+            tag_keys=("kind",),
+        )
         self.batch_size = BufferedHistogram(
             "serving_batch_size",
             description="Instances per batch run by a model replica.",

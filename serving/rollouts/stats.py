@@ -4,23 +4,54 @@ Each ingress replica counts requests (and errors, latency buckets, shadow outcom
 model version in memory (`StatsRecorder`, on the request path: no I/O) and flushes them
 once a second into 1 s buckets in Redis (`StatsStore.flush`, one pipeline); analysis
 sums the buckets of a window across every replica (`StatsStore.window`).
+
+Redis down or hung loses nothing for MAX_UNSENT_BATCHES seconds: each second's figures
+are a batch kept in memory, stamped with the bucket they belong to, until Redis has
+them; past that the oldest batch is dropped and counted (`serving_dropped_rows_total`,
+kind `statistics`). A batch is applied exactly once, even when it is sent again after a
+reply was lost: a Lua script marks the batch's id applied (SET NX) and adds its counts
+in one step.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
+import logging
 import math
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from serving import keys
+from serving.observability.metrics import metrics
 from serving.redis_conn import LazyClient
+
+log = logging.getLogger(__name__)
 
 # Latency buckets (seconds) for the per-arm p99 estimate; upper bounds.
 STAT_BUCKETS_S = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 BUCKET_S = 1
+MAX_UNSENT_BATCHES = 900  # 15 minutes of one flush a second, held through an outage
+
+# KEYS: the batch's mark, then one stats hash per arm bucket. ARGV: the TTL, then per
+# hash its number of fields and those (field, increment) pairs.
+_APPLY_ONCE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local a = 2
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, n do
+    redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[1])
+end
+return 1
+"""
 
 
 @dataclass
@@ -144,6 +175,15 @@ def window_buckets(start: float, end: float) -> Iterable[int]:
     return range(bucket_start(start), bucket_start(end) + 1, BUCKET_S)
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """One flush's figures, as the arguments of _APPLY_ONCE."""
+
+    keys: list[str]
+    args: list[str | int]
+    arms: int
+
+
 class StatsStore:
     """The recorder of this replica, and the statistics of all replicas in Redis."""
 
@@ -151,20 +191,43 @@ class StatsStore:
         self._redis = redis
         self._ns = namespace
         self.recorder = StatsRecorder()
+        self._unsent: collections.deque[_Batch] = collections.deque()
+
+    def _batch(self, pending: dict[tuple[str, str], ArmStats], bucket: int) -> _Batch:
+        batch_keys = [keys.stats_batch(self._ns, uuid.uuid4().hex)]
+        args: list[str | int] = [keys.STATS_TTL_S]
+        for (model, version), stats in pending.items():
+            fields = stats.to_fields()
+            batch_keys.append(keys.stats(self._ns, model, version, bucket))
+            args.append(len(fields))
+            for f, v in fields.items():
+                args += (f, v)
+        return _Batch(batch_keys, args, len(pending))
+
+    @property
+    def unsent(self) -> int:
+        """Batches waiting for Redis."""
+        return len(self._unsent)
 
     async def flush(self) -> None:
-        """This replica's last second of per-arm statistics, in one pipeline."""
+        """This replica's last second of per-arm statistics, and any earlier seconds
+        Redis did not take, in one pipeline. Raises what Redis raised (kept for later)."""
         pending = self.recorder.drain()
-        if not pending:
+        if pending:
+            self._unsent.append(self._batch(pending, bucket_start(time.time())))
+            while len(self._unsent) > MAX_UNSENT_BATCHES:
+                lost = self._unsent.popleft()
+                metrics().dropped_rows.add(lost.arms, "statistics")
+                log.warning("dropped one second of rollout statistics: Redis unreachable")
+        if not self._unsent:
             return
-        bucket = bucket_start(time.time())
+        sending = list(self._unsent)
         pipe = self._redis().pipeline(transaction=False)
-        for (model, version), stats in pending.items():
-            key = keys.stats(self._ns, model, version, bucket)
-            for f, v in stats.to_fields().items():
-                pipe.hincrby(key, f, v)
-            pipe.expire(key, keys.STATS_TTL_S)
+        for batch in sending:
+            pipe.eval(_APPLY_ONCE, len(batch.keys), *batch.keys, *batch.args)
         await pipe.execute()
+        for _ in sending:  # only now: a batch whose fate is unknown is sent again
+            self._unsent.popleft()
 
     async def window(self, model: str, version: str, start: float, end: float) -> ArmStats:
         """Every replica's figures for one version between `start` and `end`."""

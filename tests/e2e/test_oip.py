@@ -372,3 +372,35 @@ def test_cli_predict_over_the_open_inference_protocol(
     assert out.returncode == 1
     assert ("NOT_FOUND" if protocol == "grpc" else "404 not_found") in out.stderr
     assert "model 'nope' not found" in out.stderr
+
+
+def test_grpc_answers_carry_the_id_their_labels_join_under(gateway: GatewayUnderTest) -> None:
+    """The id a gRPC answer names (its `id`, else the x-request-id trailer) is the one
+    its prediction record is stored under, so a label posted for it joins."""
+    cols = fraud_columns(gateway.registry, 1)
+
+    def infer(body_id: str, metadata: tuple[tuple[str, str], ...]) -> tuple[Any, dict[str, str]]:
+        req = pb.ModelInferRequest(model_name="fraud", model_version="v1", id=body_id)
+        for name, arr in cols.items():
+            t = req.inputs.add(name=name, datatype=FIELD_TYPES[name], shape=arr.shape)
+            getattr(t.contents, oip.CONTENTS_FIELD[FIELD_TYPES[name]]).extend(arr.tolist())
+        with grpc.insecure_channel(gateway.grpc_target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            resp, call = stub.ModelInfer.with_call(req, timeout=30, metadata=metadata)
+        return resp, dict(call.trailing_metadata())
+
+    def label(rid: str, resp: Any) -> httpx.Response:
+        pred = {o.name: o for o in resp.outputs}["label"].contents.int64_contents[0]
+        body = {"request_id": rid, "label": int(pred)}
+        return httpx.post(f"{gateway.url}/v1/feedback", json=body, timeout=30)
+
+    resp, trailing = infer("", ())
+    assert resp.id == "" and trailing["x-request-id"]
+    r = label(trailing["x-request-id"], resp)
+    assert r.status_code == 200 and r.json()["results"][0]["correct"] == 1, r.text
+
+    body_id = f"grpc-body-{time.time_ns()}"
+    resp, trailing = infer(body_id, (("x-request-id", f"meta-{body_id}"),))
+    assert resp.id == body_id and trailing["x-request-id"] == f"meta-{body_id}"
+    r = label(body_id, resp)
+    assert r.status_code == 200 and r.json()["results"][0]["duplicate"] is False, r.text

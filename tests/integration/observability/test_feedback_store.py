@@ -60,3 +60,56 @@ async def test_a_hung_redis_is_a_503_within_the_deadline(own_redis: RedisServer)
     store = FeedbackStore(own_redis.url, "t", ttl_s=600)
     with pytest.raises(StateStoreUnavailable, match="Redis unavailable"):
         await store.label([("a", 1)])
+
+
+async def test_records_written_during_a_10_s_outage_are_all_joinable(
+    own_redis: RedisServer,
+) -> None:
+    """Redis killed for 10 s under a steady stream of predictions: every record waits in
+    memory, reaches Redis once it is back, and its label joins (was: a third dropped)."""
+    import asyncio
+
+    store = FeedbackStore(own_redis.url, "t", ttl_s=600)
+    rids = [f"r{i}" for i in range(2000)]
+    try:
+        store.record("before", "m", "v1", np.array([1]))
+        await store.flush()
+        own_redis.stop()
+        for i, rid in enumerate(rids):  # 200 a second across the outage
+            store.record(rid, "m", "v1", np.array([i % 2]))
+            if i % 20 == 19:
+                await asyncio.sleep(0.1)
+        assert store.buffered == len(rids) and store.dropped == 0
+        own_redis.start()  # same port, empty: everything must come from the buffer
+        deadline = time.monotonic() + 5
+        while store.buffered and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert store.buffered == 0
+        got = await store.label([(rid, i % 2) for i, rid in enumerate(rids)])
+        assert all(g["correct"] == 1 for g in got)
+        assert store.dropped == 0
+    finally:
+        await store.close()
+
+
+async def test_past_the_buffer_new_records_are_dropped_and_counted(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serving.observability import feedback
+
+    monkeypatch.setattr(feedback, "MAX_PENDING", 3)
+    own_redis.stop()
+    store = FeedbackStore(own_redis.url, "t", ttl_s=600)
+    try:
+        for rid in "abcde":
+            store.record(rid, "m", "v1", np.array([1]))
+        await store.flush()  # fails: all three kept
+        assert (store.buffered, store.dropped) == (3, 2)
+        own_redis.start()
+        await store.flush()
+        assert store.buffered == 0
+        assert [g["duplicate"] for g in await store.label([("a", 1), ("c", 1)])] == [False] * 2
+        with pytest.raises(NotFound, match="'d'"):
+            await store.label([("d", 1)])
+    finally:
+        await store.close()
