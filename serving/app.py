@@ -27,7 +27,12 @@ from serving.models.worker import ModelWorker
 from serving.observability.feedback import FeedbackStore
 from serving.rollouts.controller import RolloutController
 from serving.settings import BatchingOverride, DeploymentFile, Settings
-from serving.transport.direct_http import DirectHttpServer, with_server
+from serving.transport.direct_http import (
+    ConnectionLimits,
+    DirectHttpServer,
+    Service,
+    with_servers,
+)
 from serving.transport.grpc import GrpcServer
 from serving.transport.http_app import build_http_app
 
@@ -149,14 +154,20 @@ class Gateway:
         )
         # The servers and the background loops live as long as the app: Ray Serve runs
         # the app's lifespan on the replica's event loop at start-up and again at
-        # graceful shutdown (serving.transport.direct_http.with_server).
-        grpc_server = GrpcServer(self._plane, s, self._dep.ingress.max_ongoing_requests)
-        lifespan = with_server(app.router.lifespan_context, grpc_server)
+        # graceful shutdown (serving.transport.direct_http.with_servers).
+        servers: list[Service] = [
+            GrpcServer(self._plane, s, self._dep.ingress.max_ongoing_requests)
+        ]
         if s.http_mode == "direct":
-            server = DirectHttpServer(app, s.http_host, s.http_port, self._plane.admission)
-            lifespan = with_server(lifespan, server)
-        # Outermost: started before the servers take requests, stopped after they stop.
-        lifespan = with_server(lifespan, _Background(self._rollouts, self._plane))
+            limits = ConnectionLimits(
+                s.http_read_timeout_s, s.http_idle_timeout_s, s.drain_timeout_s
+            )
+            servers.append(
+                DirectHttpServer(app, s.http_host, s.http_port, self._plane.admission, limits)
+            )
+        lifespan = with_servers(
+            app.router.lifespan_context, servers, _Background(self._rollouts, self._plane)
+        )
         app.router.lifespan_context = lifespan
         return app
 

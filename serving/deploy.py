@@ -139,6 +139,11 @@ def serve_config(
                     "num_replicas": dep.ingress.num_replicas,
                     "max_ongoing_requests": dep.ingress.max_ongoing_requests,
                     "ray_actor_options": {"num_cpus": dep.ingress.num_cpus},
+                    # Serve checks for its own requests every wait_loop_s before it runs
+                    # the app's shutdown, which drains ours (direct HTTP, gRPC) within
+                    # drain_timeout_s; then it waits no longer than this.
+                    "graceful_shutdown_wait_loop_s": 0.5,
+                    "graceful_shutdown_timeout_s": settings.drain_timeout_s + 5.0,
                 }
             ],
         }

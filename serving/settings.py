@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     # Deadline for one prediction, end to end inside the gateway; a client may ask for
     # less with the `x-request-timeout-ms` header, never for more.
     request_timeout_s: float = 10.0
+    # Connections (direct HTTP): a request's headers and body (and a new connection's
+    # first request) must arrive within http_read_timeout_s; idle keep-alive connections
+    # close after http_idle_timeout_s. Stopping, an ingress replica answers what it has
+    # read (HTTP and gRPC) within drain_timeout_s.
+    http_read_timeout_s: float = Field(default=10.0, gt=0)
+    http_idle_timeout_s: float = Field(default=75.0, gt=0)
+    drain_timeout_s: float = Field(default=10.0, ge=0)
     # How long readiness probes wait for a model replica before calling it not ready.
     ready_probe_timeout_s: float = 1.0
 

@@ -3,6 +3,8 @@ and `serving redis ensure`."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +26,63 @@ from serving.settings import DeploymentFile, Settings, load_deployment
 config_app = typer.Typer(help="Deployment configuration.", no_args_is_help=True)
 redis_app = typer.Typer(help="Redis helpers.", no_args_is_help=True)
 
+SUPERVISED = "SERVING_UP_SUPERVISED"  # set in the `serving up` that a supervisor runs
+STOP_GRACE_S = 20.0  # from the first stop signal to killing everything left
+
+
+def supervise() -> int:
+    """Run `serving up` in a session of its own and hand it each stop signal, as SIGTERM
+    to it alone: it then drains and stops Ray in order. A terminal's Ctrl-C or a
+    supervisor's SIGTERM reach a whole process group, and Ray's own processes (which
+    `ray.init` starts in the driver's group) would otherwise die first, leaving the
+    driver to wait for them (30-60 s). A second signal, or the child still running
+    STOP_GRACE_S after the first, kills its whole group. The child dies with this
+    process (SIGTERM on parent death)."""
+    env = {**os.environ, SUPERVISED: "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", *sys.argv[1:]],
+        env=env,
+        start_new_session=True,
+        preexec_fn=_terminate_with_parent,
+    )
+    stop_at: float | None = None
+
+    def kill_all(why: str) -> None:
+        err.print(f"[yellow]{why}: killing serving up and Ray[/]")
+        _kill_group(child.pid)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stop_at
+        if stop_at is not None:
+            kill_all(f"second {signal.Signals(signum).name}")
+            return
+        stop_at = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while True:
+        try:
+            code = child.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if stop_at is not None and time.monotonic() - stop_at > STOP_GRACE_S:
+                kill_all(f"not stopped within {STOP_GRACE_S:g} s")
+    _kill_group(child.pid)  # anything of Ray's left behind
+    return code if code >= 0 else 1
+
+
+def _terminate_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
 
 def up(
     config: ConfigOpt = None,
@@ -31,6 +90,8 @@ def up(
 ) -> None:
     """Start (or join RAY_ADDRESS) Ray, deploy every configured model version and the
     HTTP ingress, wait until all are warm, then serve until Ctrl-C / SIGTERM."""
+    if os.environ.get(SUPERVISED) != "1" and sys.platform == "linux":
+        raise typer.Exit(supervise())
     import ray
     from ray import serve
 

@@ -7,6 +7,15 @@ spreads connections over the replicas of a node and no proxy sits in between; Ra
 proxy still runs, on SERVING_RAY_PROXY_PORT, for Ray-native clients and health checks.
 The server lives exactly as long as the app (started and stopped by its lifespan, on the
 replica's event loop), like the gRPC server.
+
+Connections are bounded in time (ConnectionLimits): a new connection must deliver its
+first request, and any request its headers and body, within `read_s` (slowloris, a
+Content-Length larger than the body), and an idle keep-alive connection is closed after
+`idle_s`. Stopping drains: the listener closes at once (new connections are refused and
+go to another replica), every request already read is answered, with `Connection:
+close`, and so is any request an idle connection sends within DRAIN_IDLE_S; then the
+idle connections close (closing them at once would race the requests already on their
+way).
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ import functools
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import uvicorn
@@ -35,6 +45,14 @@ log = logging.getLogger(__name__)
 FastPath = Callable[[Any, Any, Any], Awaitable[bool]]  # ASGI; False: not taken
 _REQUEST_ID = REQUEST_ID.encode()
 WAITING = "serving.waiting"  # ASGI scope key: the Waiting this request is counted in
+DRAIN_IDLE_S = 1.0  # when stopping, idle connections still get this long to send a request
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    read_s: float = 10.0  # a request's headers and body (and a new connection's first one)
+    idle_s: float = 75.0  # an idle keep-alive connection (above a load balancer's own)
+    drain_s: float = 10.0  # stopping: answering what was read, at most this long
 
 
 class Waiting(Protocol):
@@ -98,14 +116,27 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
     socket. Parsing, the task uvicorn creates per request and any wait for the event
     loop (busy with other requests or the replica's own work) then fall inside the
     `http` stage instead of outside every stage. A server made with `counting` also
-    counts each request as waiting from when it is read to when its handler starts."""
+    counts each request as waiting from when it is read to when its handler starts.
+
+    It also keeps the connection limits (the read deadline here; the idle one is
+    uvicorn's keep-alive timer) and drains on shutdown (see the module's doc)."""
 
     _read_at = 0.0
     counter: Waiting | None = None
+    read_timeout_s = ConnectionLimits.read_s
+    _read_timer: asyncio.TimerHandle | None = None
+    _draining = False
 
     @classmethod
-    def counting(cls, counter: Waiting | None) -> type[ArrivalStampingProtocol]:
-        return type(cls.__name__, (cls,), {"counter": counter})
+    def counting(
+        cls, counter: Waiting | None, read_timeout_s: float = ConnectionLimits.read_s
+    ) -> type[ArrivalStampingProtocol]:
+        attrs = {"counter": counter, "read_timeout_s": read_timeout_s}
+        return type(cls.__name__, (cls,), attrs)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_read_timer()  # its first request, within the read deadline
 
     def data_received(self, data: bytes) -> None:
         self._read_at = time.perf_counter()
@@ -114,19 +145,54 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope[ARRIVAL] = self._read_at  # type: ignore[literal-required]
+        self._arm_read_timer()
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is None or cycle.scope is not self.scope:
             return  # no request cycle (an upgrade)
+        if self._draining:
+            cycle.keep_alive = False  # answered, then the connection closes
         if _cycle_is_known(cycle):
             self.scope[WRITE] = functools.partial(_write_whole, cycle)  # type: ignore[literal-required]
         if self.counter is not None:
             self.counter.waiting += 1
             self.scope[WAITING] = self.counter  # type: ignore[literal-required]
 
+    def on_message_complete(self) -> None:
+        self._cancel_read_timer()
+        super().on_message_complete()
+
+    def _arm_read_timer(self) -> None:
+        self._cancel_read_timer()
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if not self.transport.is_closing():
+            log.info("closing a connection: no whole request within %g s", self.read_timeout_s)
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """The server stops: finish the request in progress with `Connection: close`; an
+        idle connection may still send one within DRAIN_IDLE_S (answered the same way)."""
+        self._draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        elif not self.transport.is_closing():
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                DRAIN_IDLE_S, self.timeout_keep_alive_handler
+            )
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read_timer()
         # Pipelined requests that will now never start wait no more.
         for cycle, _ in self.pipeline:
             counted = cycle.scope.pop(WAITING, None)  # type: ignore[misc]
@@ -202,10 +268,18 @@ class _Server(uvicorn.Server):
 
 
 class DirectHttpServer:
-    def __init__(self, app: Any, host: str, port: int, waiting: Waiting | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        waiting: Waiting | None = None,
+        limits: ConnectionLimits = ConnectionLimits(),
+    ) -> None:
         self._app = app
         self.host, self.port = host, port
-        self._protocol = ArrivalStampingProtocol.counting(waiting)
+        self.limits = limits
+        self._protocol = ArrivalStampingProtocol.counting(waiting, limits.read_s)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -225,7 +299,8 @@ class DirectHttpServer:
             lifespan="off",  # the app's lifespan is Ray's to run; it starts this server
             access_log=False,
             log_level="warning",
-            timeout_keep_alive=75,
+            timeout_keep_alive=max(1, round(self.limits.idle_s)),
+            timeout_graceful_shutdown=max(1, round(self.limits.drain_s)),
             http=self._protocol,
         )
         self._server = _Server(config)
@@ -238,31 +313,48 @@ class DirectHttpServer:
             self._task.result()
         log.info("HTTP listening on %s:%d (direct)", self.host, self.port)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self) -> None:
+        """Drain (the module's doc), within the limits' drain_s."""
         if self._server is None or self._task is None:
             return
+        started = time.monotonic()
         self._server.should_exit = True
         try:
-            await asyncio.wait_for(self._task, grace_s)
+            await asyncio.wait_for(asyncio.shield(self._task), self.limits.drain_s + 1.0)
         except TimeoutError:
             self._server.force_exit = True
             self._task.cancel()
+        took = time.monotonic() - started
+        log.info("HTTP on %s:%d drained in %.1f s", self.host, self.port, took)
         self._server = self._task = None
 
 
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
 
 
-def with_server(lifespan: Lifespan, server: Any) -> Lifespan:
-    """Wrap an ASGI app's lifespan so `server` (with async start/stop) lives as long."""
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def with_servers(lifespan: Lifespan, servers: Sequence[Service], background: Service) -> Lifespan:
+    """Wrap an ASGI app's lifespan: `background` starts first and stops last; the
+    servers start once the app is up, and stop (drain, all at once) before it goes."""
 
     @contextlib.asynccontextmanager
-    async def both(app: Any) -> AsyncIterator[Any]:
-        await server.start()
+    async def run(app: Any) -> AsyncIterator[Any]:
+        await background.start()
         try:
             async with lifespan(app) as state:
-                yield state
+                started: list[Service] = []
+                try:
+                    for server in servers:
+                        await server.start()
+                        started.append(server)
+                    yield state
+                finally:
+                    await asyncio.gather(*(server.stop() for server in started))
         finally:
-            await server.stop()
+            await background.stop()
 
-    return both
+    return run

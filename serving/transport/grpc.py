@@ -243,8 +243,9 @@ class GrpcServer:
         self._server, self.port = server, port
         log.info("gRPC (Open Inference Protocol) listening on %s", self.target)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self) -> None:
+        """Refuse new calls (GOAWAY) and finish those in flight within the drain time."""
         if self._server is not None:
             server, self._server = self._server, None
-            await server.stop(grace_s)
+            await server.stop(self._settings.drain_timeout_s)
             log.info("gRPC server on %s stopped", self.target)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +101,71 @@ def test_cli_unreachable_gateway_is_a_clear_error() -> None:
     assert out.returncode == 1 and "cannot reach the gateway" in out.stderr
 
 
+class KeepAliveLoad:
+    """Clients each sending one request after another on a keep-alive connection,
+    recording each outcome: the status, `refused` (no connection) or what went wrong."""
+
+    def __init__(self, port: int, path: str, body: bytes, connections: int) -> None:
+        self._request = (
+            f"POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self._port = port
+        self._stop = threading.Event()
+        self.outcomes: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._run, daemon=True) for _ in range(connections)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        sock: socket.socket | None = None
+        while not self._stop.is_set():
+            if sock is None:
+                try:
+                    sock = socket.create_connection(("127.0.0.1", self._port), timeout=20)
+                except OSError:
+                    self.outcomes.append("refused")
+                    time.sleep(0.05)
+                    continue
+            try:
+                sock.sendall(self._request)
+                status, close = _read_answer(sock)
+                self.outcomes.append(status)
+            except OSError as exc:
+                self.outcomes.append(f"{type(exc).__name__}: {exc}")
+                close = True
+            if close:
+                sock.close()
+                sock = None
+            time.sleep(0.005)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+        return self.outcomes
+
+
+def _read_answer(sock: socket.socket) -> tuple[str, bool]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed without an answer")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    fields = dict(line.split(b": ", 1) for line in lines[1:])
+    while len(rest) < int(fields.get(b"content-length", b"0")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of an answer")
+        rest += chunk
+    return lines[0].split()[1].decode(), fields.get(b"connection") == b"close"
+
+
 def test_serving_up_serves_then_stops_on_sigterm(
     registry_root: Path, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -153,10 +220,26 @@ def test_serving_up_serves_then_stops_on_sigterm(
             timeout=30,
         )
         assert r.status_code == 200, r.text
-        proc.send_signal(signal.SIGTERM)
+        # Under load on keep-alive connections, SIGTERM to the whole process group (as
+        # Ctrl-C or a supervisor sends it, Ray's processes included).
+        body = json.dumps({"instances": x[:1].tolist()}).encode()
+        load = KeepAliveLoad(port, "/v1/models/digits:predict", body, connections=4)
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
         rest, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - signalled
+        outcomes = load.stop()
         assert proc.returncode == 0, rest[-3000:]
         assert "stopped." in rest
+        assert took < 15.0, f"stopped {took:.1f} s after SIGTERM"
+        # Every request sent was answered (200, or 503 when it could not be served); new
+        # connections were refused once the listener closed. None was left unanswered.
+        unanswered = [o for o in outcomes if o not in ("200", "503", "refused")]
+        assert not unanswered, unanswered[:5]
+        assert outcomes.count("200") > 20
+        token = (tmp_path / "token").read_text().strip()
+        assert token not in "".join(lines) + rest  # the token file is named, never shown
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

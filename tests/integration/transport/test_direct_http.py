@@ -240,3 +240,86 @@ async def test_requests_read_together_are_counted_as_waiting_until_their_handler
         assert seen[-1] == 0 and counter.waiting == 0
     finally:
         await server.stop()
+
+
+# ---- connection limits and draining --------------------------------------------------
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
+    """Seconds until the server closed the connection (fails past `seconds`)."""
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), seconds) == b""
+    return time.monotonic() - t0
+
+
+async def test_slow_and_idle_connections_are_closed() -> None:
+    from serving.transport.direct_http import ConnectionLimits
+
+    limits = ConnectionLimits(read_s=0.5, idle_s=1.0, drain_s=2.0)
+    server = DirectHttpServer(app, "127.0.0.1", free_port(), limits=limits)
+    await server.start()
+    try:
+        head = b"POST /x HTTP/1.1\r\nhost: t\r\n"
+        for send in (
+            b"",  # connected, never sends
+            head,  # slowloris: headers never finish
+            head + b"content-length: 100\r\n\r\n" + b"x" * 10,  # a body shorter than said
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(send)
+            assert 0.4 < await _closed_within(reader, 2.0) < 1.0, send
+            writer.close()
+        # Idle after an answer: the keep-alive limit.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(head + b"content-length: 0\r\n\r\n")
+        await reader.readuntil(b"}")
+        assert 0.8 < await _closed_within(reader, 3.0) < 2.0
+        writer.close()
+    finally:
+        await server.stop()
+
+
+async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+    await receive()
+    await asyncio.sleep(0.4)
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    )
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def test_stopping_answers_every_request_read_and_refuses_new_connections() -> None:
+    server = DirectHttpServer(slow_app, "127.0.0.1", free_port())
+    await server.start()
+    port = server.port
+    request = b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n"
+
+    async def answer(reader: asyncio.StreamReader) -> bytes:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert await reader.readexactly(2) == b"ok"
+        return head.lower()
+
+    busy = await asyncio.open_connection("127.0.0.1", port)
+    idle = await asyncio.open_connection("127.0.0.1", port)
+    idle[1].write(request)
+    assert b"connection: close" not in await answer(idle[0])  # kept alive, now idle
+    busy[1].write(request)  # in flight when the server stops
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    stopping = asyncio.create_task(server.stop())
+    await asyncio.sleep(0.3)
+    # The listener is closed: a new connection is refused (a client tries elsewhere)...
+    try:
+        await asyncio.open_connection("127.0.0.1", port)
+        raise AssertionError("a stopping server accepted a new connection")
+    except OSError:
+        pass
+    # ...while a request on an idle connection, on its way as the server stopped, and
+    # the one in flight are both answered, each with Connection: close.
+    idle[1].write(request)
+    assert b"connection: close" in await answer(busy[0])
+    assert b"connection: close" in await answer(idle[0])
+    for reader, _ in (busy, idle):
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+    await stopping
+    assert time.monotonic() - t0 < 2.0
+    for _, writer in (busy, idle):
+        writer.close()
