@@ -21,6 +21,7 @@ from serving.dataplane import DataPlane
 from serving.dataplane.invoke import ReplicaHandle
 from serving.dataplane.replicas import ReplicaWatch
 from serving.errors import ConfigError, InvalidInput, NotReady
+from serving.listeners import keep_replica_grpc_on_loopback
 from serving.models.registry import Registry
 from serving.models.replica import ModelReplica
 from serving.models.worker import ModelWorker
@@ -55,6 +56,7 @@ class Gateway:
         deployment: dict[str, Any],
         admin_token_sha256: str | None,
     ) -> None:
+        keep_replica_grpc_on_loopback()
         self._settings = s = Settings.model_validate(settings)
         self._dep = DeploymentFile.model_validate(deployment)
         self._rollouts = RolloutController(

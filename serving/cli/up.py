@@ -92,13 +92,19 @@ def up(
     HTTP ingress, wait until all are warm, then serve until Ctrl-C / SIGTERM."""
     if os.environ.get(SUPERVISED) != "1" and sys.platform == "linux":
         raise typer.Exit(supervise())
+    settings = cli_settings(config)
+    if settings.ray_address is None:
+        # A local cluster is this machine's alone: Ray's servers (GCS, raylet, workers,
+        # agents, the metrics endpoint) listen on loopback. Ray takes the loopback
+        # address as the node's only when told no other node will join, and reads
+        # that when it is imported.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray import serve
 
     from serving import deploy
     from serving.auth import ensure_token
 
-    settings = cli_settings(config)
     try:
         dep = load_deployment(settings.config, settings.registry_dir)
         cfg = deploy.serve_config(

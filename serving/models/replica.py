@@ -14,6 +14,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from serving.listeners import keep_replica_grpc_on_loopback
 from serving.models.endpoint import ReplicaEndpoint
 from serving.models.worker import ModelWorker
 from serving.observability import buffered
@@ -30,6 +31,7 @@ class ModelReplica(ModelWorker):
         warmup: dict[str, Any] | None = None,
         max_in_flight: int = 1024,
     ) -> None:
+        keep_replica_grpc_on_loopback()
         ModelWorker.__init__(self, model, version, registry, runtime, warmup)
         self._endpoint = ReplicaEndpoint(self, max_in_flight)
         await self._endpoint.start(ray.util.get_node_ip_address())

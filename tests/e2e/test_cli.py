@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,6 +101,29 @@ def test_cli_batching_show_and_set(gateway: GatewayUnderTest) -> None:
 def test_cli_unreachable_gateway_is_a_clear_error() -> None:
     out = run("models", "list", "--url", f"http://127.0.0.1:{free_port()}")
     assert out.returncode == 1 and "cannot reach the gateway" in out.stderr
+
+
+LOOPBACK = re.compile(r"(127\.0\.0\.1|\[::1\]|\[::ffff:127\.0\.0\.1\]):\d+ ")
+
+
+def listening(root: int) -> list[str]:
+    """`address process` for every TCP listener of a process under `root` (or itself)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += children.get(pid, [])
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return [
+        f"{line.split()[3]} {line.split()[-1]}"
+        for line in out.splitlines()
+        if tree & {int(p) for p in re.findall(r"pid=(\d+)", line)}
+    ]
 
 
 class KeepAliveLoad:
@@ -208,6 +233,10 @@ def test_serving_up_serves_then_stops_on_sigterm(
         assert any(line.startswith("ready") for line in lines), "".join(lines[-30:])
         assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
         assert any("loaded" in line and "user_stats" in line for line in lines), lines
+        # Ray's servers and ours: all on loopback (was: GCS, raylet, workers, agents and
+        # the metrics endpoint on every interface).
+        exposed = [a for a in listening(proc.pid) if not LOOPBACK.match(a)]
+        assert not exposed, exposed
         rec = records(registry_root, 1)
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/models/fraud:predict", json={"instances": rec}, timeout=30
