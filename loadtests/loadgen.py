@@ -35,6 +35,7 @@ from typing import Any, Protocol, cast
 INF = math.inf
 # The generator's clock. Not loop.time(): uvloop's has millisecond resolution.
 now = time.perf_counter
+REFUSED = (503, 14)  # overloaded: HTTP 503, gRPC UNAVAILABLE
 PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 
 
@@ -355,6 +356,8 @@ class RunResult:
     statuses: dict[int, int] = field(default_factory=dict)
     flagged: int = 0
     connections: int = 0
+    # Open loop: latency of each answer refusing the request (HTTP 503, gRPC UNAVAILABLE)
+    rejected_s: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -392,6 +395,10 @@ class RunResult:
             "mean": _ms(sum(finite) / len(finite)) if finite else None,
             "max": _ms(max(lat)) if lat else None,
         }
+        if self.mode == "open":
+            out["admitted_ms"] = {f"p{q:g}": _ms(percentile(finite, q)) for q in (50, 99)}
+            out["rejected"] = len(self.rejected_s)
+            out["rejected_ms"] = {f"p{q:g}": _ms(percentile(self.rejected_s, q)) for q in (50, 99)}
         if self.send_lag_s:
             out["send_lag_ms"] = {
                 "p50": _ms(percentile(self.send_lag_s, 50)),
@@ -495,6 +502,7 @@ async def open_loop(
     n = n_warm + max(1, round(rate * duration_s))
     lat = [INF] * n
     lag = [0.0] * n
+    rejected: list[float] = []
     rec = _Recorder(keep_timing)
     cpu0, busy0 = time.process_time(), machine_busy_s()
     t0 = now() + 0.005
@@ -514,6 +522,8 @@ async def open_loop(
             lag[i] = reply.sent - due
             if reply.ok:
                 latency = lat[i] = done - min(due, reply.sent)
+            elif reply.status in REFUSED and i >= n_warm:
+                rejected.append(done - min(due, reply.sent))
         if i >= n_warm:
             rec.add(reply, latency)
 
@@ -544,6 +554,7 @@ async def open_loop(
         first_due=first_due,
         send_lag_s=lag[n_warm:],
         connections=getattr(client, "connections_opened", 0),
+        rejected_s=rejected,
     )
     return rec.fill(result)
 

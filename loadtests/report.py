@@ -74,6 +74,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         lines += _scenario_tables(sc, results.get("ceiling", {}).get(name), slo)
         lines += _versus_section(sc)
         lines += _gpu_section(sc)
+    lines += _overload_section(results)
     lines += _timing_section(results)
     lines += _generator_section(results)
     lines += _ceiling_section(results)
@@ -282,6 +283,35 @@ def _versus_section(sc: dict[str, Any]) -> list[str]:
             f"| {_ratio(r['throughput_at_slo'])} |"
         )
     return [*lines, ""]
+
+
+def _overload_section(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, sc in results["scenarios"].items():
+        for system, m in (sc.get("systems") or {}).items():
+            o = (m or {}).get("overload")
+            if o:
+                rows.append(
+                    f"| {system}/{name} | {o['capacity_rps']:.0f} | {o['offered_rps']:.0f} "
+                    f"| {_ratio(o['goodput_ratio'])} | {_ms(o['admitted_ms']['p99'])} "
+                    f"| {o['rejected']} | {_ms(o['rejected_ms']['p99'])} "
+                    f"| {_ms((o.get('send_lag_ms') or {}).get('p99'))} |"
+                )
+    if not rows:
+        return []
+    return [
+        "## Overload",
+        "",
+        "Open loop at 3× the closed-loop peak (capacity). Goodput: answered requests per "
+        "second over capacity. Refused: 503 (`overloaded`) answers. The generator shares "
+        "the machine: its send lag says how late it could send.",
+        "",
+        "| system | capacity req/s | offered req/s | goodput | admitted p99 ms "
+        "| refused | refusal p99 ms | generator lag p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _timing_section(results: dict[str, Any]) -> list[str]:

@@ -76,6 +76,9 @@ class Plan:
     ceiling_s: float  # per batch size
     floor_serial_n: int
     slo_ms: float = 50.0
+    # The gateway (HTTP, default placement) also gets an open loop at this many times its
+    # capacity (0: none).
+    overload_x: float = 3.0
 
 
 FULL = Plan(
@@ -380,9 +383,10 @@ def measure(
     progress: Progress,
     label: str,
     target: dict[str, Any],
+    overload_x: float = 0.0,
 ) -> dict[str, Any]:
     """Serial latency, the closed-loop sweep and the open-loop sweep of one system on one
-    scenario."""
+    scenario; with `overload_x`, an open loop at that many times its capacity."""
     slo = plan.slo_ms
     s = w.call({**target, "mode": "serial", "n": plan.serial_n, "warmup": plan.serial_warmup})
     lat = s["latency_ms"]
@@ -448,7 +452,11 @@ def measure(
     # Server CPU per request where the system works hardest within the SLO (else at its
     # peak): every process but the generator's, per request.
     busiest = at_slo or peak
+    overload = None
+    if overload_x:
+        overload = measure_overload(w, plan, progress, label, target, peak, overload_x)
     return {
+        "overload": overload,
         "serial": s,
         "closed": closed,
         "open": opened,
@@ -460,6 +468,48 @@ def measure(
         "open_rps_at_slo": max((r["offered_rps"] for r in open_ok), default=0.0),
         "server_cpu_ms_per_request": busiest.get("server_cpu_ms_per_request"),
     }
+
+
+def measure_overload(
+    w: Worker,
+    plan: Plan,
+    progress: Progress,
+    label: str,
+    target: dict[str, Any],
+    peak: dict[str, Any],
+    times: float,
+) -> dict[str, Any]:
+    """Open loop at `times` the closed-loop peak (the capacity): how fast refusals come,
+    how the admitted requests fare, and goodput (answered per second over capacity)."""
+    capacity = peak["throughput_rps"]
+    r = w.call(
+        {
+            **target,
+            "mode": "open",
+            "rate": times * capacity,
+            "duration_s": 2 * plan.open_s,
+            "warmup_s": plan.open_warmup_s,
+        }
+    )
+    out = {
+        "capacity_rps": capacity,
+        "offered_rps": r["offered_rps"],
+        "goodput_rps": r["throughput_rps"],
+        "goodput_ratio": r["throughput_rps"] / capacity if capacity else None,
+        "admitted_ms": r["admitted_ms"],
+        "rejected": r["rejected"],
+        "rejected_ms": r["rejected_ms"],
+        "statuses": r["statuses"],
+        "send_lag_ms": r.get("send_lag_ms"),
+        "server_cpu_ms_per_request": r.get("server_cpu_ms_per_request"),
+    }
+    progress(
+        f"{label} overload {times:g}x ({r['offered_rps']:.0f} req/s): goodput "
+        f"{out['goodput_ratio']:.2f} of capacity, admitted p99 {r['admitted_ms']['p99']} ms, "
+        f"{r['rejected']} refused (p99 {r['rejected_ms']['p99']} ms), "
+        f"generator lag p99 {(r.get('send_lag_ms') or {}).get('p99')} ms"
+    )
+    return out
 
 
 def measure_generator(plan: Plan, progress: Progress, w: Worker) -> dict[str, Any]:
@@ -737,7 +787,8 @@ def _measure_system(
         "scenario": s.name,
         "timing": system in GATEWAYS,
     }
-    out = measure(w, plan, progress, f"{system}/{s.name}", target)
+    overload = plan.overload_x if system == "gateway" else 0.0
+    out = measure(w, plan, progress, f"{system}/{s.name}", target, overload)
     st = out["serial"].get("server_timing")
     if st:
         progress(

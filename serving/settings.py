@@ -195,6 +195,9 @@ class IngressConfig(BaseModel):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, ge=0)
     max_ongoing_requests: int = Field(default=512, ge=1)
+    # The in-flight limit adapts below max_ongoing_requests so that requests queue no
+    # longer than this (serving.dataplane.admission).
+    target_queue_delay_ms: float = Field(default=10.0, gt=0)
 
 
 class FeatureTable(BaseModel):

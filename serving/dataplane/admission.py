@@ -1,33 +1,75 @@
 """Load shedding at the ingress: inference requests in flight in this ingress replica,
-all transports together (HTTP either mode, gRPC), per model. Past the limit a request
-is refused at once (503 overloaded with Retry-After; gRPC UNAVAILABLE) instead of
-queueing in the replica's event loop."""
+all transports together (HTTP either mode, gRPC). Past the limit a request is refused at
+once (503 overloaded with Retry-After; gRPC UNAVAILABLE) instead of queueing in the
+replica's event loop.
+
+The limit adapts to the backlog it causes (additive increase, multiplicative
+decrease, as TCP's congestion window or Envoy's adaptive concurrency): each answered
+request reports how long it queued (read but not yet handled while the event loop was
+busy, plus its wait in the batcher). Queueing beyond `target_queue_s` cuts the limit by
+a tenth (at most once per target interval); an answer without it, while the limit is
+nearly used, raises it by 1/limit (about one per limit's worth of answers). Between
+MIN_LIMIT and `max_ongoing_requests`. A fixed count alone let a replica past its CPU
+peak queue hundreds of requests for seconds.
+
+The direct HTTP server also asks `full()` before it starts a request's handler: a
+prediction that arrives while the replica is full is answered 503 by the server
+itself, which costs a fraction of a handled request (serving.transport.direct_http).
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from serving.errors import Overloaded
+
+MIN_LIMIT = 4.0
+START_LIMIT = 64.0
 
 
 class Admission:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, target_queue_s: float = 0.010) -> None:
+        self.max_limit = float(limit)
+        self.limit = min(START_LIMIT, self.max_limit)
+        self.target_queue_s = target_queue_s
         self.inflight: dict[str, int] = {}  # per model; read by the in-flight gauge
+        self.total = 0
         # Requests a server has read whose handler has not started yet (the direct
         # HTTP server counts them): a burst read in one loop step is known to be
         # coming before the first of it runs.
         self.waiting = 0
+        self._cut_at = 0.0
+        # Counts a request the server refused itself (the model name from its path).
+        self.on_shed: Callable[[str], None] | None = None
+
+    def full(self) -> bool:
+        """Taking one more request would pass the limit."""
+        return self.total + self.waiting >= self.limit
 
     def enter(self, model: str) -> None:
         """Count a request in, or raise Overloaded when the replica is at its limit."""
-        if sum(self.inflight.values()) >= self.limit:
+        if self.total >= self.limit:
             raise Overloaded(
-                f"gateway replica at its limit of {self.limit} requests in flight "
-                "(ingress.max_ongoing_requests); retry later"
+                f"gateway replica at its limit of {int(self.limit)} requests in flight "
+                "(adapted to its backlog; ingress.max_ongoing_requests at most); retry later"
             )
         self.inflight[model] = self.inflight.get(model, 0) + 1
+        self.total += 1
 
-    def leave(self, model: str) -> None:
+    def leave(self, model: str, queued_s: float | None = None) -> None:
+        """Count a request out; `queued_s`: how long it queued (None: not answered)."""
         self.inflight[model] -= 1
+        self.total -= 1
+        if queued_s is None:
+            return
+        if queued_s > self.target_queue_s:
+            now = time.monotonic()
+            if now - self._cut_at >= self.target_queue_s:
+                self.limit = max(MIN_LIMIT, self.limit * 0.9)
+                self._cut_at = now
+        elif self.total + 1 >= 0.8 * self.limit:
+            self.limit = min(self.max_limit, self.limit + 1.0 / self.limit)
 
     def alone(self, model: str) -> bool:
         """No other request for this model is in flight here, and none is waiting to

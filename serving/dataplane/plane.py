@@ -42,6 +42,8 @@ class RequestInfo(Protocol):
     @property
     def started(self) -> float: ...
     @property
+    def arrived(self) -> float: ...
+    @property
     def timeout_s(self) -> float | None: ...
     @property
     def pinned(self) -> str | None: ...
@@ -84,7 +86,10 @@ class DataPlane:
         router = router or StaticRouter({m: c.default for m, c in dep.models.items()})
         self.catalog = Catalog(dep, router)
         self.caller = VersionCaller(handles, local or {}, watch)
-        self.admission = Admission(dep.ingress.max_ongoing_requests)
+        self.admission = Admission(
+            dep.ingress.max_ongoing_requests, dep.ingress.target_queue_delay_ms / 1000.0
+        )
+        self.admission.on_shed = self._shed
         self.features = FeatureStep(settings, features)
         self.hooks = AfterPredict(router, self.caller, settings.request_timeout_s, stats, records)
         self.monitor = Monitor(
@@ -95,6 +100,11 @@ class DataPlane:
             settings.ready_probe_timeout_s,
             accuracy,
         )
+
+    def _shed(self, model: str) -> None:
+        """Count a prediction the HTTP server refused itself (the replica was full)."""
+        tag, v = self.catalog.labels(model, None)
+        self.hooks.outcome(tag, v, "none", "http", "overloaded", 0.0)
 
     async def predict(
         self,
@@ -120,6 +130,7 @@ class DataPlane:
         s = self._settings
         deadline = min(req.timeout_s or s.request_timeout_s, s.request_timeout_s)
         arm, code = "stable", "ok"
+        queued: float | None = None  # what admission learns from an answer
         try:
             v, arm, manifest = self.catalog.choose(
                 model, version, req.pinned, instances, tensors, req.headers
@@ -139,6 +150,8 @@ class DataPlane:
                 self.admission.alone(tag),
             )
             t_end = time.perf_counter()
+            # Read but waiting for the busy event loop, then in the batcher's queue.
+            queued = max(t0 - req.arrived, 0.0) + result.queue_s
         except ServingError as exc:
             code = exc.code
             raise
@@ -146,7 +159,7 @@ class DataPlane:
             code = "internal"  # a bug, not a success: it counts against the version
             raise
         finally:
-            self.admission.leave(tag)
+            self.admission.leave(tag, queued)
             self.hooks.outcome(tag, v, arm, req.protocol, code, time.perf_counter() - t0)
         timings = {
             "decode": t_decoded - t0 - t_features,

@@ -207,6 +207,10 @@ async def test_fast_route_answers_in_one_write_on_a_kept_alive_connection() -> N
 async def test_requests_read_together_are_counted_as_waiting_until_their_handler_starts() -> None:
     class Counter:
         waiting = 0
+        on_shed = None
+
+        def full(self) -> bool:
+            return False
 
     counter = Counter()
     seen: list[int] = []
@@ -323,3 +327,69 @@ async def test_stopping_answers_every_request_read_and_refuses_new_connections()
     assert time.monotonic() - t0 < 2.0
     for _, writer in (busy, idle):
         writer.close()
+
+
+async def test_a_full_replica_refuses_predictions_before_their_handler() -> None:
+    """While admission says full, the server answers predictions 503 itself (in each
+    route's error format, with Retry-After), counts them, and keeps the connection;
+    everything else still reaches the app."""
+
+    class Full:
+        def __init__(self) -> None:
+            self.waiting = 0
+            self.shed: list[str] = []
+            self.on_shed = self.shed.append
+            self.is_full = True
+
+        def full(self) -> bool:
+            return self.is_full
+
+    handled: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        handled.append(scope["path"])
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    counter = Full()
+    server = DirectHttpServer(app, "127.0.0.1", free_port(), counter)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        async def ask(
+            method: str, path: str, body: bytes = b"{}"
+        ) -> tuple[bytes, dict[bytes, bytes], bytes]:
+            head = f"{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-length: {len(body)}\r\n"
+            writer.write(head.encode() + b"x-request-id: mine\r\n\r\n" + body)
+            return await read_answer(reader)
+
+        status, headers, body = await ask("POST", "/v1/models/fraud:predict")
+        assert status == b"HTTP/1.1 503 Service Unavailable"
+        assert headers[b"retry-after"] == b"1" and headers[b"x-request-id"] == b"mine"
+        assert json.loads(body)["error"]["code"] == "overloaded"
+        status, _, body = await ask("POST", "/v2/models/digits/versions/v1/infer?x=1")
+        assert status.endswith(b"503 Service Unavailable")
+        assert "limit" in json.loads(body)["error"]
+        assert counter.shed == ["fraud", "digits"] and handled == []
+        for method, path in (
+            ("GET", "/healthz"),
+            ("POST", "/v1/feedback"),
+            ("GET", "/v2/models/digits"),
+        ):
+            status, _, _ = await ask(method, path)
+            assert status.endswith(b"200 OK"), path
+        counter.is_full = False
+        status, _, _ = await ask("POST", "/v1/models/fraud:predict")
+        assert status.endswith(b"200 OK")
+        assert handled == [
+            "/healthz",
+            "/v1/feedback",
+            "/v2/models/digits",
+            "/v1/models/fraud:predict",
+        ]
+        writer.close()
+    finally:
+        await server.stop()

@@ -1,0 +1,59 @@
+"""The adaptive in-flight limit (no Ray, no Redis)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from serving.dataplane.admission import MIN_LIMIT, START_LIMIT, Admission
+from serving.errors import Overloaded
+
+
+def _answer(a: Admission, queued_s: float) -> None:
+    a.enter("m")
+    a.leave("m", queued_s)
+
+
+def test_queueing_past_the_target_cuts_the_limit_down_to_its_floor() -> None:
+    a = Admission(512, target_queue_s=0.001)
+    assert a.limit == START_LIMIT
+    _answer(a, 0.050)
+    assert a.limit == pytest.approx(0.9 * START_LIMIT)
+    _answer(a, 0.050)  # within the same target interval: one cut only
+    assert a.limit == pytest.approx(0.9 * START_LIMIT)
+    for _ in range(100):
+        time.sleep(0.0011)
+        _answer(a, 0.050)
+    assert a.limit == MIN_LIMIT
+
+
+def test_answers_without_queueing_raise_the_limit_only_while_it_is_used() -> None:
+    a = Admission(80, target_queue_s=0.010)
+    _answer(a, 0.0)  # one request in flight of 64 allowed: the limit is not binding
+    assert a.limit == START_LIMIT
+    for _ in range(60):
+        a.enter("m")
+    for _ in range(60):  # answered while the limit was nearly used
+        a.leave("m", 0.001)
+    assert START_LIMIT < a.limit <= 80
+    for _ in range(200):
+        for _ in range(int(a.limit) - 1):
+            a.enter("m")
+        for _ in range(int(a.limit) - 1):
+            a.leave("m", 0.0)
+    assert a.limit == 80  # never past max_ongoing_requests
+
+
+def test_past_the_limit_a_request_is_refused_and_waiting_ones_count_as_full() -> None:
+    a = Admission(2)
+    a.enter("m")
+    assert not a.full()
+    a.waiting = 1
+    assert a.full()
+    a.waiting = 0
+    a.enter("n")
+    with pytest.raises(Overloaded, match="limit of 2"):
+        a.enter("m")
+    a.leave("m")  # not answered: no signal either way
+    assert a.limit == 2 and a.total == 1 and a.inflight == {"m": 0, "n": 1}
