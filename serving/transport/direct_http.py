@@ -73,21 +73,29 @@ _INFER = re.compile(rb"/v2/models/([^/?]+)(?:/versions/[^/?]+)?/infer(?:\?|$)")
 _SHED_MESSAGE = "gateway replica at its limit of requests in flight; retry later"
 
 
-def _shed_app(body: bytes) -> Callable[[Any, Any, Any], Awaitable[None]]:
-    """The answer to a prediction refused before its handler: 503 `overloaded` with
-    Retry-After, in the route's error format, without the app (a fraction of the CPU
-    of a handled request, which matters most when the replica is past its peak)."""
-    fixed = [
+_SHED_V1_BODY = json.dumps({"error": {"code": "overloaded", "message": _SHED_MESSAGE}}).encode()
+_SHED_V2_BODY = json.dumps({"error": _SHED_MESSAGE}).encode()
+
+
+def _shed_headers(body: bytes, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """503 `overloaded` with Retry-After, echoing a usable x-request-id."""
+    rid = next((v for k, v in headers if k == _REQUEST_ID), None)
+    if rid is None or not usable_request_id(rid):
+        rid = new_request_id().encode()
+    return [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"1"),
+        (_REQUEST_ID, rid),
     ]
 
+
+def _shed_app(body: bytes) -> Callable[[Any, Any, Any], Awaitable[None]]:
+    """The same answer as an ASGI app, for a refused request pipelined behind one still
+    being answered (answers leave in order)."""
+
     async def shed(scope: Any, receive: Any, send: Any) -> None:
-        rid = next((v for k, v in scope["headers"] if k == _REQUEST_ID), None)
-        if rid is None or not usable_request_id(rid):
-            rid = new_request_id().encode()
-        headers = [*fixed, (_REQUEST_ID, rid)]
+        headers = _shed_headers(body, scope["headers"])
         write = scope.get(WRITE)
         if write is not None:
             await write(503, headers, body)
@@ -98,10 +106,7 @@ def _shed_app(body: bytes) -> Callable[[Any, Any, Any], Awaitable[None]]:
     return shed
 
 
-_SHED_V1 = _shed_app(
-    json.dumps({"error": {"code": "overloaded", "message": _SHED_MESSAGE}}).encode()
-)
-_SHED_V2 = _shed_app(json.dumps({"error": _SHED_MESSAGE}).encode())
+_SHED_APPS = {_SHED_V1_BODY: _shed_app(_SHED_V1_BODY), _SHED_V2_BODY: _shed_app(_SHED_V2_BODY)}
 
 
 class RequestIdMiddleware:
@@ -169,6 +174,7 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
     read_timeout_s = ConnectionLimits.read_s
     _read_timer: asyncio.TimerHandle | None = None
     _draining = False
+    _shed_body: bytes | None = None  # the refusal to send once this request is read
 
     @classmethod
     def counting(
@@ -192,8 +198,13 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         shed = self._refuse()
-        if shed is not None:
-            app, self.app = self.app, shed
+        if shed is not None and (self.cycle is None or self.cycle.response_complete):
+            # Answered by this protocol itself once the body is read: no request cycle,
+            # no task, no app (a refusal must cost far less than a prediction).
+            self._shed_body = shed
+            return
+        if shed is not None:  # pipelined behind an answer in progress: its turn, by app
+            app, self.app = self.app, _SHED_APPS[shed]
             try:
                 super().on_headers_complete()
             finally:
@@ -211,23 +222,45 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
             self.counter.waiting += 1
             self.scope[WAITING] = self.counter  # type: ignore[literal-required]
 
-    def _refuse(self) -> Any:
-        """The shed app for a prediction that arrives while the replica is full."""
+    def _refuse(self) -> bytes | None:
+        """The refusal's body for a prediction that arrives while the replica is full."""
         counter = self.counter
         if counter is None or not counter.full() or self.parser.get_method() != b"POST":
             return None
         path = self.url.split(b"?", 1)[0]
-        for pattern, app in ((_PREDICT, _SHED_V1), (_INFER, _SHED_V2)):
+        for pattern, body in ((_PREDICT, _SHED_V1_BODY), (_INFER, _SHED_V2_BODY)):
             m = pattern.match(path)
             if m is not None:
                 if counter.on_shed is not None:
                     counter.on_shed(m.group(1).decode("latin-1"))
-                return app
+                return body
         return None
+
+    def on_body(self, body: bytes) -> None:
+        if self._shed_body is None:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._cancel_read_timer()
-        super().on_message_complete()
+        body = self._shed_body
+        if body is None:
+            super().on_message_complete()
+            return
+        self._shed_body = None
+        keep = not self._draining and self.parser.should_keep_alive()
+        content = [STATUS_LINE[503]]
+        for name, value in (
+            *self.server_state.default_headers,
+            *_shed_headers(body, self.headers),
+            *(() if keep else ((b"connection", b"close"),)),
+        ):
+            content += (name, b": ", value, b"\r\n")
+        content += (b"\r\n", body)
+        self.transport.write(b"".join(content))
+        if keep:
+            self.on_response_complete()  # the keep-alive timer, or a pipelined request
+        else:
+            self.transport.close()
 
     def _arm_read_timer(self) -> None:
         self._cancel_read_timer()
@@ -366,6 +399,7 @@ class DirectHttpServer:
             log_level="warning",
             timeout_keep_alive=max(1, round(self.limits.idle_s)),
             timeout_graceful_shutdown=max(1, round(self.limits.drain_s)),
+            proxy_headers=False,  # the client address is not used; one layer less
             http=self._protocol,
         )
         self._server = _Server(config)

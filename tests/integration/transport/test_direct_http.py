@@ -381,6 +381,14 @@ async def test_a_full_replica_refuses_predictions_before_their_handler() -> None
         ):
             status, _, _ = await ask(method, path)
             assert status.endswith(b"200 OK"), path
+        # Pipelined behind a request being answered: refused in its turn.
+        writer.write(
+            b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
+            b"POST /v1/models/fraud:predict HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}"
+        )
+        assert (await read_answer(reader))[0].endswith(b"200 OK")
+        assert (await read_answer(reader))[0].endswith(b"503 Service Unavailable")
+        assert handled.pop() == "/healthz"
         counter.is_full = False
         status, _, _ = await ask("POST", "/v1/models/fraud:predict")
         assert status.endswith(b"200 OK")
