@@ -503,11 +503,15 @@ def measure_overload(
         "send_lag_ms": r.get("send_lag_ms"),
         "server_cpu_ms_per_request": r.get("server_cpu_ms_per_request"),
     }
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
     progress(
         f"{label} overload {times:g}x ({r['offered_rps']:.0f} req/s): goodput "
-        f"{out['goodput_ratio']:.2f} of capacity, admitted p99 {r['admitted_ms']['p99']} ms, "
-        f"{r['rejected']} refused (p99 {r['rejected_ms']['p99']} ms), "
-        f"generator lag p99 {(r.get('send_lag_ms') or {}).get('p99')} ms"
+        f"{out['goodput_ratio']:.2f} of capacity, admitted p99 {ms(r['admitted_ms']['p99'])} "
+        f"ms, {r['rejected']} refused (p99 {ms(r['rejected_ms']['p99'])} ms), generator lag "
+        f"p99 {ms((r.get('send_lag_ms') or {}).get('p99'))} ms"
     )
     return out
 

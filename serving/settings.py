@@ -197,7 +197,7 @@ class IngressConfig(BaseModel):
     max_ongoing_requests: int = Field(default=512, ge=1)
     # The in-flight limit adapts below max_ongoing_requests so that requests queue no
     # longer than this (serving.dataplane.admission).
-    target_queue_delay_ms: float = Field(default=10.0, gt=0)
+    target_queue_delay_ms: float = Field(default=20.0, gt=0)
 
 
 class FeatureTable(BaseModel):

@@ -6,11 +6,12 @@ replica's event loop.
 The limit adapts to the backlog it causes (additive increase, multiplicative
 decrease, as TCP's congestion window or Envoy's adaptive concurrency): each answered
 request reports how long it queued (read but not yet handled while the event loop was
-busy, plus its wait in the batcher). Queueing beyond `target_queue_s` cuts the limit by
-a tenth (at most once per target interval); an answer without it, while the limit is
-nearly used, raises it by 1/limit (about one per limit's worth of answers). Between
-MIN_LIMIT and `max_ongoing_requests`. A fixed count alone let a replica past its CPU
-peak queue hundreds of requests for seconds.
+busy, plus its wait in the batcher). Queueing beyond `target_queue_s` while at least
+half the limit is in flight cuts the limit by a tenth (at most once per target
+interval); an answer without it, while the limit is nearly used, raises it by 1/limit
+(about one per limit's worth of answers). Between MIN_LIMIT and `max_ongoing_requests`.
+A fixed count alone let a replica past its CPU peak queue hundreds of requests for
+seconds.
 
 The direct HTTP server also asks `full()` before it starts a request's handler: a
 prediction that arrives while the replica is full is answered 503 by the server
@@ -29,7 +30,7 @@ START_LIMIT = 64.0
 
 
 class Admission:
-    def __init__(self, limit: int, target_queue_s: float = 0.010) -> None:
+    def __init__(self, limit: int, target_queue_s: float = 0.020) -> None:
         self.max_limit = float(limit)
         self.limit = min(START_LIMIT, self.max_limit)
         self.target_queue_s = target_queue_s
@@ -64,8 +65,11 @@ class Admission:
         if queued_s is None:
             return
         if queued_s > self.target_queue_s:
+            # Only queueing the limit lets happen cuts it: with few requests in flight
+            # the wait came from elsewhere (a pause of the process), and cutting then
+            # would ratchet the limit down under light load.
             now = time.monotonic()
-            if now - self._cut_at >= self.target_queue_s:
+            if self.total + 1 >= 0.5 * self.limit and now - self._cut_at >= self.target_queue_s:
                 self.limit = max(MIN_LIMIT, self.limit * 0.9)
                 self._cut_at = now
         elif self.total + 1 >= 0.8 * self.limit:

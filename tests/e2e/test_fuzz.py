@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -84,6 +87,41 @@ def _path_name(name: str) -> str:
 
 def _check(r: httpx.Response, what: Any) -> None:
     assert r.status_code < 500, (what, r.status_code, r.text[:300])
+
+
+# What Ray's log files show when a request hit an error nobody handled: ours
+# (serving.transport.errors), uvicorn's, asyncio's, grpcio's.
+UNHANDLED = (
+    "unhandled error in request",
+    "Exception in ASGI application",
+    "Task exception was never retrieved",
+    "Exception in callback",
+    "Unexpected error in RPC handling",
+)
+
+
+def _ray_logs() -> dict[Path, int]:
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    return {p: p.stat().st_size for p in (session / "logs").rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_unhandled_errors(gateway: GatewayUnderTest) -> Iterator[None]:
+    """After every fuzz test of this module: no new unhandled-error line in any of the
+    cluster's log files (the gateway's replicas, their workers)."""
+    before = _ray_logs()
+    yield
+    time.sleep(1.0)  # log lines reach the files asynchronously
+    found = []
+    for path, size in _ray_logs().items():
+        with path.open("rb") as f:
+            f.seek(before.get(path, 0) if before.get(path, 0) <= size else 0)
+            for line in f.read().decode("utf-8", "replace").splitlines():
+                if any(marker in line for marker in UNHANDLED):
+                    found.append(f"{path.name}: {line[:300]}")
+    assert not found, "\n".join(found[:10])
 
 
 @pytest.fixture(scope="module")

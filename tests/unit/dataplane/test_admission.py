@@ -15,17 +15,32 @@ def _answer(a: Admission, queued_s: float) -> None:
     a.leave("m", queued_s)
 
 
+def _busy(a: Admission) -> None:
+    """As many requests in flight as the limit allows, less one."""
+    while a.total < a.limit - 1:
+        a.enter("m")
+
+
 def test_queueing_past_the_target_cuts_the_limit_down_to_its_floor() -> None:
     a = Admission(512, target_queue_s=0.001)
     assert a.limit == START_LIMIT
-    _answer(a, 0.050)
+    _busy(a)  # 63 in flight, each answered after queueing 50 ms
+    a.leave("m", 0.050)
     assert a.limit == pytest.approx(0.9 * START_LIMIT)
-    _answer(a, 0.050)  # within the same target interval: one cut only
+    a.leave("m", 0.050)  # within the same target interval: one cut only
     assert a.limit == pytest.approx(0.9 * START_LIMIT)
-    for _ in range(100):
+    for _ in range(40):
+        time.sleep(0.0011)
+        a.leave("m", 0.050)
+    assert a.limit == MIN_LIMIT
+
+
+def test_a_long_wait_under_light_load_is_not_the_limits_doing() -> None:
+    a = Admission(512, target_queue_s=0.001)
+    for _ in range(20):  # one request at a time, each after a pause of the process
         time.sleep(0.0011)
         _answer(a, 0.050)
-    assert a.limit == MIN_LIMIT
+    assert a.limit == START_LIMIT
 
 
 def test_answers_without_queueing_raise_the_limit_only_while_it_is_used() -> None:
