@@ -4,14 +4,16 @@ once (503 overloaded with Retry-After; gRPC UNAVAILABLE) instead of queueing in 
 replica's event loop.
 
 The limit adapts to the backlog it causes (additive increase, multiplicative
-decrease, as TCP's congestion window or Envoy's adaptive concurrency): each answered
-request reports how long it queued (read but not yet handled while the event loop was
-busy, plus its wait in the batcher). Queueing beyond `target_queue_s` while at least
-half the limit is in flight cuts the limit by a tenth (at most once per target
-interval); an answer without it, while the limit is nearly used, raises it by 1/limit
-(about one per limit's worth of answers). Between MIN_LIMIT and `max_ongoing_requests`.
-A fixed count alone let a replica past its CPU peak queue hundreds of requests for
-seconds.
+decrease, as TCP's congestion window or Envoy's adaptive concurrency), with CoDel's
+test for a standing queue: each answered request reports how long it queued (read but
+not yet handled while the event loop was busy, plus its wait in the batcher). When
+even the least-queued answer of an interval (INTERVAL_S) queued longer than
+`target_queue_s`, and the limit was at least half used, it is cut by a tenth; a burst
+that drains (a pause of the process, a spike) leaves some answer of the interval
+unqueued and cuts nothing. An answer that did not queue, while the limit is nearly
+used, raises it by 1/limit (about one per limit's worth of answers). Between MIN_LIMIT
+and `max_ongoing_requests`. A fixed count alone let a replica past its CPU peak queue
+hundreds of requests for seconds.
 
 The direct HTTP server also asks `full()` before it starts a request's handler: a
 prediction that arrives while the replica is full is answered 503 by the server
@@ -20,6 +22,7 @@ itself, which costs a fraction of a handled request (serving.transport.direct_ht
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -27,6 +30,7 @@ from serving.errors import Overloaded
 
 MIN_LIMIT = 4.0
 START_LIMIT = 64.0
+INTERVAL_S = 0.1
 
 
 class Admission:
@@ -40,7 +44,9 @@ class Admission:
         # HTTP server counts them): a burst read in one loop step is known to be
         # coming before the first of it runs.
         self.waiting = 0
-        self._cut_at = 0.0
+        self._interval_start = time.monotonic()
+        self._least_queued = math.inf  # of this interval's answers
+        self._used = False  # this interval saw the limit at least half used
         # Counts a request the server refused itself (the model name from its path).
         self.on_shed: Callable[[str], None] | None = None
 
@@ -64,15 +70,15 @@ class Admission:
         self.total -= 1
         if queued_s is None:
             return
-        if queued_s > self.target_queue_s:
-            # Only queueing the limit lets happen cuts it: with few requests in flight
-            # the wait came from elsewhere (a pause of the process), and cutting then
-            # would ratchet the limit down under light load.
-            now = time.monotonic()
-            if self.total + 1 >= 0.5 * self.limit and now - self._cut_at >= self.target_queue_s:
+        if self.total + 1 >= 0.5 * self.limit:
+            self._used = True
+        self._least_queued = min(self._least_queued, queued_s)
+        now = time.monotonic()
+        if now - self._interval_start >= INTERVAL_S:
+            if self._least_queued > self.target_queue_s and self._used:
                 self.limit = max(MIN_LIMIT, self.limit * 0.9)
-                self._cut_at = now
-        elif self.total + 1 >= 0.8 * self.limit:
+            self._interval_start, self._least_queued, self._used = now, math.inf, False
+        if queued_s <= self.target_queue_s and self.total + 1 >= 0.8 * self.limit:
             self.limit = min(self.max_limit, self.limit + 1.0 / self.limit)
 
     def alone(self, model: str) -> bool:

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from serving.dataplane import admission
 from serving.dataplane.admission import MIN_LIMIT, START_LIMIT, Admission
 from serving.errors import Overloaded
 
@@ -21,13 +22,17 @@ def _busy(a: Admission) -> None:
         a.enter("m")
 
 
-def test_queueing_past_the_target_cuts_the_limit_down_to_its_floor() -> None:
-    a = Admission(512, target_queue_s=0.001)
+def test_a_standing_queue_cuts_the_limit_down_to_its_floor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
+    a = Admission(512, target_queue_s=0.010)
     assert a.limit == START_LIMIT
-    _busy(a)  # 63 in flight, each answered after queueing 50 ms
+    _busy(a)  # 63 in flight, every one answered after queueing 50 ms
+    time.sleep(0.0011)
     a.leave("m", 0.050)
     assert a.limit == pytest.approx(0.9 * START_LIMIT)
-    a.leave("m", 0.050)  # within the same target interval: one cut only
+    a.leave("m", 0.050)  # within the same interval: one cut only
     assert a.limit == pytest.approx(0.9 * START_LIMIT)
     for _ in range(40):
         time.sleep(0.0011)
@@ -35,7 +40,22 @@ def test_queueing_past_the_target_cuts_the_limit_down_to_its_floor() -> None:
     assert a.limit == MIN_LIMIT
 
 
-def test_a_long_wait_under_light_load_is_not_the_limits_doing() -> None:
+def test_a_burst_that_drains_cuts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause of the process: many answers queued long, but some of each interval
+    did not (the queue drained), so the limit stays."""
+    monkeypatch.setattr(admission, "INTERVAL_S", 0.002)
+    a = Admission(512, target_queue_s=0.010)
+    _busy(a)
+    for i in range(40):
+        time.sleep(0.0005)
+        a.leave("m", 0.0 if i % 3 == 0 else 0.050)
+    assert a.limit >= START_LIMIT
+
+
+def test_a_long_wait_under_light_load_is_not_the_limits_doing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
     a = Admission(512, target_queue_s=0.001)
     for _ in range(20):  # one request at a time, each after a pause of the process
         time.sleep(0.0011)
