@@ -112,6 +112,7 @@ def no_unhandled_errors(gateway: GatewayUnderTest) -> Iterator[None]:
     """After every fuzz test of this module: no new unhandled-error line in any of the
     cluster's log files (the gateway's replicas, their workers)."""
     before = _ray_logs()
+    assert any("gateway" in p.name for p in before)  # the replicas' logs are found
     yield
     time.sleep(1.0)  # log lines reach the files asynchronously
     found = []
@@ -268,3 +269,32 @@ def test_grpc_model_infer(
             grpc.StatusCode.UNKNOWN,
             grpc.StatusCode.DEADLINE_EXCEEDED,
         ), (model, version, inputs, exc.code(), exc.details())
+
+
+# ---- every route of the OpenAPI document (schemathesis) ------------------------------
+@pytest.fixture(scope="module")
+def openapi(gateway: GatewayUnderTest) -> Any:
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(f"{gateway.url}/openapi.json")
+    # Admin routes are called without the token: 401, never a 5xx (with it they would
+    # start rollouts and change batching under the other tests' feet).
+    return schema
+
+
+def test_openapi_routes(openapi: Any) -> None:
+    """Requests generated from the gateway's own OpenAPI document (valid and not), on
+    every operation: never a 5xx. (Schemathesis' pytest plugin does not run on this
+    pytest, so each operation's strategy runs under hypothesis directly.)"""
+    from schemathesis.checks import not_a_server_error
+
+    operations = [result.ok() for result in openapi.get_all_operations()]
+    assert len(operations) >= 15  # every route of the API is in the document
+    for operation in operations:
+
+        @FUZZ
+        @given(case=operation.as_strategy())
+        def fuzz(case: Any) -> None:
+            case.call_and_validate(checks=[not_a_server_error], timeout=TIMEOUT_S)
+
+        fuzz()
