@@ -23,9 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -39,8 +37,10 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from serving.transport import refusal
 from serving.transport.context import REQUEST_ID, new_request_id, usable_request_id
 from serving.transport.http import ARRIVAL, WRITE
+from serving.transport.refusal import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -55,58 +55,6 @@ class ConnectionLimits:
     read_s: float = 10.0  # a request's headers and body (and a new connection's first one)
     idle_s: float = 75.0  # an idle keep-alive connection (above a load balancer's own)
     drain_s: float = 10.0  # stopping: answering what was read, at most this long
-
-
-class Waiting(Protocol):
-    """Requests read whose handler has not started, and whether the replica is full
-    (serving.dataplane.admission.Admission)."""
-
-    waiting: int
-    on_shed: Callable[[str], None] | None
-
-    def full(self) -> bool: ...
-
-
-# Prediction routes (method POST): the model name is the group.
-_PREDICT = re.compile(rb"/v1/models/([^/?]+?)(?:/versions/[^/?]+)?:predict(?:\?|$)")
-_INFER = re.compile(rb"/v2/models/([^/?]+)(?:/versions/[^/?]+)?/infer(?:\?|$)")
-_SHED_MESSAGE = "gateway replica at its limit of requests in flight; retry later"
-
-
-_SHED_V1_BODY = json.dumps({"error": {"code": "overloaded", "message": _SHED_MESSAGE}}).encode()
-_SHED_V2_BODY = json.dumps({"error": _SHED_MESSAGE}).encode()
-
-
-def _shed_headers(body: bytes, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """503 `overloaded` with Retry-After, echoing a usable x-request-id."""
-    rid = next((v for k, v in headers if k == _REQUEST_ID), None)
-    if rid is None or not usable_request_id(rid):
-        rid = new_request_id().encode()
-    return [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"1"),
-        (_REQUEST_ID, rid),
-    ]
-
-
-def _shed_app(body: bytes) -> Callable[[Any, Any, Any], Awaitable[None]]:
-    """The same answer as an ASGI app, for a refused request pipelined behind one still
-    being answered (answers leave in order)."""
-
-    async def shed(scope: Any, receive: Any, send: Any) -> None:
-        headers = _shed_headers(body, scope["headers"])
-        write = scope.get(WRITE)
-        if write is not None:
-            await write(503, headers, body)
-        else:
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-    return shed
-
-
-_SHED_APPS = {_SHED_V1_BODY: _shed_app(_SHED_V1_BODY), _SHED_V2_BODY: _shed_app(_SHED_V2_BODY)}
 
 
 class RequestIdMiddleware:
@@ -204,7 +152,7 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
             self._shed_body = shed
             return
         if shed is not None:  # pipelined behind an answer in progress: its turn, by app
-            app, self.app = self.app, _SHED_APPS[shed]
+            app, self.app = self.app, refusal.SHED_APPS[shed]
             try:
                 super().on_headers_complete()
             finally:
@@ -225,16 +173,9 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
     def _refuse(self) -> bytes | None:
         """The refusal's body for a prediction that arrives while the replica is full."""
         counter = self.counter
-        if counter is None or not counter.full() or self.parser.get_method() != b"POST":
+        if counter is None or not counter.full():
             return None
-        path = self.url.split(b"?", 1)[0]
-        for pattern, body in ((_PREDICT, _SHED_V1_BODY), (_INFER, _SHED_V2_BODY)):
-            m = pattern.match(path)
-            if m is not None:
-                if counter.on_shed is not None:
-                    counter.on_shed(m.group(1).decode("latin-1"))
-                return body
-        return None
+        return refusal.refusal_body(self.parser.get_method(), self.url, counter)
 
     def on_body(self, body: bytes) -> None:
         if self._shed_body is None:
@@ -248,15 +189,9 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
             return
         self._shed_body = None
         keep = not self._draining and self.parser.should_keep_alive()
-        content = [STATUS_LINE[503]]
-        for name, value in (
-            *self.server_state.default_headers,
-            *_shed_headers(body, self.headers),
-            *(() if keep else ((b"connection", b"close"),)),
-        ):
-            content += (name, b": ", value, b"\r\n")
-        content += (b"\r\n", body)
-        self.transport.write(b"".join(content))
+        self.transport.write(
+            refusal.refusal_bytes(self.server_state.default_headers, body, self.headers, keep)
+        )
         if keep:
             self.on_response_complete()  # the keep-alive timer, or a pipelined request
         else:
