@@ -29,7 +29,7 @@ from collections.abc import Callable
 from serving.errors import Overloaded
 
 MIN_LIMIT = 4.0
-START_LIMIT = 64.0
+START_LIMIT = 256.0  # room for a burst (a pause of the process) at light load
 INTERVAL_S = 0.1
 
 
@@ -49,6 +49,10 @@ class Admission:
         self._used = False  # this interval saw the limit at least half used
         # Counts a request the server refused itself (the model name from its path).
         self.on_shed: Callable[[str], None] | None = None
+        # Close a refused request's connection, so that its client connects again and
+        # the kernel may hand it to another ingress replica on this port (keep-alive
+        # connections never move by themselves, e.g. onto a replacement replica).
+        self.close_refused = False
 
     def full(self) -> bool:
         """Taking one more request would pass the limit."""

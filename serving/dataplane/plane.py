@@ -90,6 +90,7 @@ class DataPlane:
             dep.ingress.max_ongoing_requests, dep.ingress.target_queue_delay_ms / 1000.0
         )
         self.admission.on_shed = self._shed
+        self.admission.close_refused = dep.ingress.num_replicas > 1
         self.features = FeatureStep(settings, features)
         self.hooks = AfterPredict(router, self.caller, settings.request_timeout_s, stats, records)
         self.monitor = Monitor(

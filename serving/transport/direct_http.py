@@ -162,7 +162,7 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None or cycle.scope is not self.scope:
             return  # no request cycle (an upgrade)
-        if self._draining:
+        if self._draining or (shed is not None and self.counter and self.counter.close_refused):
             cycle.keep_alive = False  # answered, then the connection closes
         if _cycle_is_known(cycle):
             self.scope[WRITE] = functools.partial(_write_whole, cycle)  # type: ignore[literal-required]
@@ -188,7 +188,11 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
             super().on_message_complete()
             return
         self._shed_body = None
-        keep = not self._draining and self.parser.should_keep_alive()
+        keep = (
+            not self._draining
+            and self.parser.should_keep_alive()
+            and not (self.counter is not None and self.counter.close_refused)
+        )
         self.transport.write(
             refusal.refusal_bytes(self.server_state.default_headers, body, self.headers, keep)
         )

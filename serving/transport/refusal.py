@@ -25,6 +25,7 @@ class Waiting(Protocol):
 
     waiting: int
     on_shed: Callable[[str], None] | None
+    close_refused: bool
 
     def full(self) -> bool: ...
 

@@ -208,6 +208,7 @@ async def test_requests_read_together_are_counted_as_waiting_until_their_handler
     class Counter:
         waiting = 0
         on_shed = None
+        close_refused = False
 
         def full(self) -> bool:
             return False
@@ -340,6 +341,7 @@ async def test_a_full_replica_refuses_predictions_before_their_handler() -> None
             self.shed: list[str] = []
             self.on_shed = self.shed.append
             self.is_full = True
+            self.close_refused = False
 
         def full(self) -> bool:
             return self.is_full
@@ -398,6 +400,12 @@ async def test_a_full_replica_refuses_predictions_before_their_handler() -> None
             "/v2/models/digits",
             "/v1/models/fraud:predict",
         ]
+        # With other ingress replicas on the port, a refusal closes its connection: the
+        # client connects again, perhaps to a replica with room.
+        counter.is_full = counter.close_refused = True
+        status, headers, _ = await ask("POST", "/v1/models/fraud:predict")
+        assert status.endswith(b"503 Service Unavailable") and headers[b"connection"] == b"close"
+        assert await asyncio.wait_for(reader.read(), 2) == b""
         writer.close()
     finally:
         await server.stop()

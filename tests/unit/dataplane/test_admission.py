@@ -64,20 +64,21 @@ def test_a_long_wait_under_light_load_is_not_the_limits_doing(
 
 
 def test_answers_without_queueing_raise_the_limit_only_while_it_is_used() -> None:
-    a = Admission(80, target_queue_s=0.010)
-    _answer(a, 0.0)  # one request in flight of 64 allowed: the limit is not binding
+    a = Admission(int(START_LIMIT) + 16, target_queue_s=0.010)
+    _answer(a, 0.0)  # one request in flight: the limit is not binding
     assert a.limit == START_LIMIT
-    for _ in range(60):
-        a.enter("m")
-    for _ in range(60):  # answered while the limit was nearly used
+    _busy(a)
+    for _ in range(20):  # answered while the limit was nearly used
         a.leave("m", 0.001)
-    assert START_LIMIT < a.limit <= 80
+    assert START_LIMIT < a.limit <= START_LIMIT + 16
+    while a.total:
+        a.leave("m")
     for _ in range(200):
         for _ in range(int(a.limit) - 1):
             a.enter("m")
         for _ in range(int(a.limit) - 1):
             a.leave("m", 0.0)
-    assert a.limit == 80  # never past max_ongoing_requests
+    assert a.limit == START_LIMIT + 16  # never past max_ongoing_requests
 
 
 def test_past_the_limit_a_request_is_refused_and_waiting_ones_count_as_full() -> None:
