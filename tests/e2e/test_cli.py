@@ -106,8 +106,8 @@ def test_cli_unreachable_gateway_is_a_clear_error() -> None:
 LOOPBACK = re.compile(r"(127\.0\.0\.1|\[::1\]|\[::ffff:127\.0\.0\.1\]):\d+ ")
 
 
-def listening(root: int) -> list[str]:
-    """`address process` for every TCP listener of a process under `root` (or itself)."""
+def _tree(root: int) -> set[int]:
+    """`root` and every process under it."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
@@ -118,6 +118,12 @@ def listening(root: int) -> list[str]:
         pid = todo.pop()
         tree.add(pid)
         todo += children.get(pid, [])
+    return tree
+
+
+def listening(root: int) -> list[str]:
+    """`address process` for every TCP listener of a process under `root` (or itself)."""
+    tree = _tree(root)
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     return [
         f"{line.split()[3]} {line.split()[-1]}"
@@ -191,10 +197,12 @@ def _read_answer(sock: socket.socket) -> tuple[str, bool]:
     return lines[0].split()[1].decode(), fields.get(b"connection") == b"close"
 
 
-def test_serving_up_serves_then_stops_on_sigterm(
-    registry_root: Path, redis_server: RedisServer, tmp_path: Path
-) -> None:
-    """`serving up` as `make up` runs it: its own local Ray, deploy, ready, SIGTERM."""
+def start_serving_up(
+    tmp_path: Path, redis_url: str, namespace: str, **settings: str
+) -> tuple[subprocess.Popen[str], int, list[str]]:
+    """`serving up` as `make up` runs it (its own local Ray), on free ports; returns once
+    it printed `ready` (the process, its HTTP port, what it printed so far). The caller
+    kills its process group in the end."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
@@ -205,9 +213,10 @@ def test_serving_up_serves_then_stops_on_sigterm(
             "SERVING_RAY_NUM_CPUS": "4",
             "SERVING_METRICS_PORT": str(free_port()),
             "SERVING_RAY_PROXY_PORT": str(free_port()),
-            "SERVING_REDIS_URL": redis_server.url,
-            "SERVING_REDIS_NAMESPACE": "up-test",  # empty: `serving up` loads the tables
+            "SERVING_REDIS_URL": redis_url,
+            "SERVING_REDIS_NAMESPACE": namespace,
             "PYTHONUNBUFFERED": "1",
+            **settings,
         }
     )
     proc = subprocess.Popen(
@@ -220,17 +229,29 @@ def test_serving_up_serves_then_stops_on_sigterm(
         start_new_session=True,
     )
     lines: list[str] = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("ready"):
+            break
+    if not any(line.startswith("ready") for line in lines):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError("".join(lines[-30:]))
+    return proc, port, lines
+
+
+def test_serving_up_serves_then_stops_on_sigterm(
+    registry_root: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`serving up` as `make up` runs it: its own local Ray, deploy, ready, SIGTERM."""
+    # An empty namespace: `serving up` loads the feature tables.
+    proc, port, lines = start_serving_up(tmp_path, redis_server.url, "up-test")
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("ready"):
-                break
-        assert any(line.startswith("ready") for line in lines), "".join(lines[-30:])
         assert (tmp_path / "token").stat().st_mode & 0o777 == 0o600
         assert any("loaded" in line and "user_stats" in line for line in lines), lines
         # Ray's servers and ours: all on loopback (was: GCS, raylet, workers, agents and
@@ -273,3 +294,63 @@ def test_serving_up_serves_then_stops_on_sigterm(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_losing_one_of_two_ingress_replicas(
+    registry_root: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGKILL one of two ingress replicas under load: at most the requests on its
+    connections fail (one per client connection: the one in flight), clients connect
+    again and are served by the survivor, and Serve brings a replacement."""
+    import yaml
+
+    dep = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
+    dep["ingress"]["num_replicas"] = 2
+    dep["registry"] = str(registry_root)
+    dep["feature_tables"] = []
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(dep))
+    proc, port, _ = start_serving_up(
+        tmp_path, redis_server.url, "two-ingress", SERVING_CONFIG=str(config)
+    )
+    try:
+        gateways = [p for p in ray_processes(proc.pid) if "ServeReplica:gateway" in p[1]]
+        assert len(gateways) == 2, gateways
+        x = np.load(registry_root / "digits" / "heldout.npz")["X"][:1]
+        body = json.dumps({"instances": x.tolist()}).encode()
+        load = KeepAliveLoad(port, "/v1/models/digits:predict", body, connections=4)
+        time.sleep(2.0)
+        before = len(load.outcomes)
+        os.kill(gateways[0][0], signal.SIGKILL)
+        time.sleep(5.0)
+        at_5s = len(load.outcomes)
+        time.sleep(3.0)
+        outcomes = load.stop()
+        after_kill = outcomes[before:]
+        failed = [o for o in after_kill if o not in ("200", "503")]
+        assert len(failed) <= 4, failed  # at most the one in flight per connection
+        # Within 5 s every client is served again: the last 3 s are all answered.
+        assert outcomes[at_5s:] and all(o in ("200", "503") for o in outcomes[at_5s:])
+        assert outcomes[at_5s:].count("200") > 50
+        # Serve replaces the dead replica.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            alive = [p for p in ray_processes(proc.pid) if "ServeReplica:gateway" in p[1]]
+            if len(alive) == 2 and gateways[0][0] not in [p[0] for p in alive]:
+                break
+            time.sleep(1.0)
+        else:
+            raise AssertionError("no replacement ingress replica")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def ray_processes(root: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process under `root`."""
+    out = []
+    for pid in _tree(root):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            out.append((pid, cmd))
+    return out
