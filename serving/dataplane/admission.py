@@ -8,7 +8,8 @@ decrease, as TCP's congestion window or Envoy's adaptive concurrency), with CoDe
 test for a standing queue: each answered request reports how long it queued (read but
 not yet handled while the event loop was busy, plus its wait in the batcher). When
 even the least-queued answer of an interval (INTERVAL_S) queued longer than
-`target_queue_s`, and the limit was at least half used, it is cut by a tenth; a burst
+`target_queue_s` (over at least MIN_ANSWERS answers), the limit is cut: by target / queued,
+between a tenth and a half (the deeper the queue, the faster the cut); a burst
 that drains (a pause of the process, a spike) leaves some answer of the interval
 unqueued and cuts nothing. An answer that did not queue, while the limit is nearly
 used, raises it by 1/limit (about one per limit's worth of answers). Between MIN_LIMIT
@@ -29,8 +30,9 @@ from collections.abc import Callable
 from serving.errors import Overloaded
 
 MIN_LIMIT = 4.0
-START_LIMIT = 256.0  # room for a burst (a pause of the process) at light load
+START_LIMIT = 64.0
 INTERVAL_S = 0.1
+MIN_ANSWERS = 8  # fewer answers in an interval say nothing about a standing queue
 
 
 class Admission:
@@ -46,7 +48,7 @@ class Admission:
         self.waiting = 0
         self._interval_start = time.monotonic()
         self._least_queued = math.inf  # of this interval's answers
-        self._used = False  # this interval saw the limit at least half used
+        self._answers = 0  # in this interval
         # Counts a request the server refused itself (the model name from its path).
         self.on_shed: Callable[[str], None] | None = None
         # Close a refused request's connection, so that its client connects again and
@@ -74,14 +76,15 @@ class Admission:
         self.total -= 1
         if queued_s is None:
             return
-        if self.total + 1 >= 0.5 * self.limit:
-            self._used = True
+        self._answers += 1
         self._least_queued = min(self._least_queued, queued_s)
         now = time.monotonic()
         if now - self._interval_start >= INTERVAL_S:
-            if self._least_queued > self.target_queue_s and self._used:
-                self.limit = max(MIN_LIMIT, self.limit * 0.9)
-            self._interval_start, self._least_queued, self._used = now, math.inf, False
+            if self._least_queued > self.target_queue_s and self._answers >= MIN_ANSWERS:
+                # The further past the target, the deeper the cut (by a tenth to a half).
+                cut = min(0.9, max(0.5, self.target_queue_s / self._least_queued))
+                self.limit = max(MIN_LIMIT, self.limit * cut)
+            self._interval_start, self._least_queued, self._answers = now, math.inf, 0
         if queued_s <= self.target_queue_s and self.total + 1 >= 0.8 * self.limit:
             self.limit = min(self.max_limit, self.limit + 1.0 / self.limit)
 

@@ -22,43 +22,51 @@ def _busy(a: Admission) -> None:
         a.enter("m")
 
 
+def _interval(a: Admission, queued_s: list[float]) -> None:
+    """One interval's answers (of requests held in flight); the first answer after it
+    (queued as its last) is when the interval is judged."""
+    for q in queued_s:
+        a.leave("m", q)
+    time.sleep(0.0012)
+    a.leave("m", queued_s[-1])
+
+
 def test_a_standing_queue_cuts_the_limit_down_to_its_floor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
     a = Admission(512, target_queue_s=0.010)
     assert a.limit == START_LIMIT
-    _busy(a)  # 63 in flight, every one answered after queueing 50 ms
-    time.sleep(0.0011)
-    a.leave("m", 0.050)
-    assert a.limit == pytest.approx(0.9 * START_LIMIT)
-    a.leave("m", 0.050)  # within the same interval: one cut only
-    assert a.limit == pytest.approx(0.9 * START_LIMIT)
-    for _ in range(40):
-        time.sleep(0.0011)
-        a.leave("m", 0.050)
+    _busy(a)  # all but one of the limit in flight
+    time.sleep(0.0012)
+    a.leave("m", 0.0)  # judges the interval so far (one answer: nothing) and starts one
+    _interval(a, [0.011] * 8)  # every answer just past the target: a tenth off
+    assert a.limit == pytest.approx(0.9 * START_LIMIT, rel=1e-3)
+    _interval(a, [0.050] * 8)  # five times the target: half off
+    assert a.limit == pytest.approx(0.45 * START_LIMIT, rel=1e-3)
+    for _ in range(12):
+        _interval(a, [0.050] * 8)
     assert a.limit == MIN_LIMIT
 
 
 def test_a_burst_that_drains_cuts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """A pause of the process: many answers queued long, but some of each interval
     did not (the queue drained), so the limit stays."""
-    monkeypatch.setattr(admission, "INTERVAL_S", 0.002)
+    monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
     a = Admission(512, target_queue_s=0.010)
     _busy(a)
-    for i in range(40):
-        time.sleep(0.0005)
-        a.leave("m", 0.0 if i % 3 == 0 else 0.050)
+    for _ in range(10):
+        _interval(a, [0.0] + [0.050] * 9)
     assert a.limit >= START_LIMIT
 
 
-def test_a_long_wait_under_light_load_is_not_the_limits_doing(
+def test_a_long_wait_under_light_load_is_not_a_standing_queue(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
     a = Admission(512, target_queue_s=0.001)
     for _ in range(20):  # one request at a time, each after a pause of the process
-        time.sleep(0.0011)
+        time.sleep(0.0012)
         _answer(a, 0.050)
     assert a.limit == START_LIMIT
 
