@@ -29,7 +29,10 @@ MODEL = "rollme"
 def images(registry: Path, n: int, faulty_share: float = 0.0) -> list[list[list[float]]]:
     x = np.load(registry / "digits" / "heldout.npz")["X"][:n].copy()
     x[:, 0, 0] = 0.0
-    x[: int(n * faulty_share), 0, 0] = 1.0  # v3bad fails on these
+    # v3bad fails on these: spread evenly, so that any stretch of traffic (and so any
+    # statistics window) holds both kinds.
+    faulty = np.linspace(0, n, int(n * faulty_share), endpoint=False).astype(int)
+    x[faulty, 0, 0] = 1.0
     return x.tolist()
 
 
