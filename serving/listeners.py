@@ -10,10 +10,7 @@ multi-node cluster the node's address is not loopback and nothing changes.
 from __future__ import annotations
 
 import ipaddress
-import logging
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 def is_loopback(host: str) -> bool:

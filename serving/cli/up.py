@@ -21,6 +21,7 @@ import yaml
 from serving import keys
 from serving.cli.common import ConfigOpt, cli_settings, console, err, fail
 from serving.errors import ConfigError
+from serving.listeners import is_loopback
 from serving.settings import DeploymentFile, Settings, load_deployment
 
 config_app = typer.Typer(help="Deployment configuration.", no_args_is_help=True)
@@ -274,7 +275,7 @@ def redis_ensure(
     parsed = urlparse(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
     binary = shutil.which("redis-server")
-    if host not in ("127.0.0.1", "localhost", "::1") or binary is None:
+    if not is_loopback(host) or binary is None:
         fail(f"redis at {url} does not answer and no local redis-server can be started")
     console.print(f"redis: {url} does not answer; starting {binary} on port {port}")
     subprocess.run(

@@ -32,14 +32,13 @@ from typing import Any, Protocol
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
     HttpToolsProtocol,
     RequestResponseCycle,
 )
 
 from serving.transport import refusal
 from serving.transport.context import REQUEST_ID, new_request_id, usable_request_id
-from serving.transport.http import ARRIVAL, WRITE
+from serving.transport.http import ARRIVAL, WRITE, response_bytes
 from serving.transport.refusal import Waiting
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None or cycle.scope is not self.scope:
             return  # no request cycle (an upgrade)
-        if self._draining or (shed is not None and self.counter and self.counter.close_refused):
+        if self._draining or (shed is not None and self._close_refused()):
             cycle.keep_alive = False  # answered, then the connection closes
         if _cycle_is_known(cycle):
             self.scope[WRITE] = functools.partial(_write_whole, cycle)  # type: ignore[literal-required]
@@ -177,6 +176,9 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
             return None
         return refusal.refusal_body(self.parser.get_method(), self.url, counter)
 
+    def _close_refused(self) -> bool:
+        return self.counter is not None and self.counter.close_refused
+
     def on_body(self, body: bytes) -> None:
         if self._shed_body is None:
             super().on_body(body)
@@ -188,14 +190,9 @@ class ArrivalStampingProtocol(HttpToolsProtocol):
             super().on_message_complete()
             return
         self._shed_body = None
-        keep = (
-            not self._draining
-            and self.parser.should_keep_alive()
-            and not (self.counter is not None and self.counter.close_refused)
-        )
-        self.transport.write(
-            refusal.refusal_bytes(self.server_state.default_headers, body, self.headers, keep)
-        )
+        keep = not self._draining and self.parser.should_keep_alive() and not self._close_refused()
+        headers = (*self.server_state.default_headers, *refusal.headers(body, self.headers))
+        self.transport.write(response_bytes(503, headers, body, keep))
         if keep:
             self.on_response_complete()  # the keep-alive timer, or a pipelined request
         else:
@@ -272,8 +269,7 @@ async def _write_whole(
 ) -> None:
     """Status line, headers and body in one write, leaving uvicorn's cycle as its own
     `send` would after a complete response (keep-alive, flow control, next pipelined
-    request). The headers are ours (no validation pass); the body has a content-length.
-    `timing` gives the Server-Timing value, asked for once the rest is assembled."""
+    request); the answer is serving.transport.http.response_bytes."""
     if cycle.flow.write_paused and not cycle.disconnected:
         await cycle.flow.drain()
     if cycle.disconnected:
@@ -281,15 +277,15 @@ async def _write_whole(
     if cycle.response_started:
         raise RuntimeError("the response has already started")
     cycle.response_started = True
-    content = [STATUS_LINE[status]]
-    for name, value in (*cycle.default_headers, *headers):
-        content += (name, b": ", value, b"\r\n")
-    if not cycle.keep_alive:
-        content.append(b"connection: close\r\n")
-    if timing is not None:
-        content += (b"server-timing: ", timing(), b"\r\n")
-    content += (b"\r\n", body)
-    cycle.transport.write(b"".join(content))
+    cycle.transport.write(
+        response_bytes(
+            status,
+            (*cycle.default_headers, *headers),
+            body,
+            cycle.keep_alive,
+            timing,
+        )
+    )
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from serving.errors import MalformedRequest, PayloadTooLarge
 from serving.transport.context import (
@@ -198,3 +199,24 @@ def _timing_at_write(timings: dict[str, float], arrived: float) -> Callable[[], 
         return f"{head}encode;dur={encode:.3f}, total;dur={total * 1000:.3f}".encode()
 
     return value
+
+
+def response_bytes(
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]],
+    body: bytes,
+    keep_alive: bool,
+    timing: Callable[[], bytes] | None = None,
+) -> bytes:
+    """A whole HTTP/1.1 answer, status line to body, for one write (the headers are
+    ours: no validation pass; the body needs its content-length among them). `timing`
+    gives the Server-Timing value, asked for once the rest is assembled."""
+    content = [STATUS_LINE[status]]
+    for name, value in headers:
+        content += (name, b": ", value, b"\r\n")
+    if not keep_alive:
+        content.append(b"connection: close\r\n")
+    if timing is not None:
+        content += (b"server-timing: ", timing(), b"\r\n")
+    content += (b"\r\n", body)
+    return b"".join(content)

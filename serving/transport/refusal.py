@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
-
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from serving.transport.context import REQUEST_ID, new_request_id, usable_request_id
 from serving.transport.http import WRITE
@@ -40,7 +38,7 @@ _SHED_V1_BODY = json.dumps({"error": {"code": "overloaded", "message": _SHED_MES
 _SHED_V2_BODY = json.dumps({"error": _SHED_MESSAGE}).encode()
 
 
-def _shed_headers(body: bytes, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def headers(body: bytes, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """503 `overloaded` with Retry-After, echoing a usable x-request-id."""
     rid = next((v for k, v in headers if k == _REQUEST_ID), None)
     if rid is None or not usable_request_id(rid):
@@ -58,12 +56,12 @@ def _shed_app(body: bytes) -> Callable[[Any, Any, Any], Awaitable[None]]:
     being answered (answers leave in order)."""
 
     async def shed(scope: Any, receive: Any, send: Any) -> None:
-        headers = _shed_headers(body, scope["headers"])
+        answer_headers = headers(body, scope["headers"])
         write = scope.get(WRITE)
         if write is not None:
-            await write(503, headers, body)
+            await write(503, answer_headers, body)
         else:
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.start", "status": 503, "headers": answer_headers})
             await send({"type": "http.response.body", "body": body})
 
     return shed
@@ -85,21 +83,3 @@ def refusal_body(method: bytes, url: bytes, counter: Waiting) -> bytes | None:
                 counter.on_shed(m.group(1).decode("latin-1"))
             return body
     return None
-
-
-def refusal_bytes(
-    default_headers: Iterable[tuple[bytes, bytes]],
-    body: bytes,
-    request_headers: list[tuple[bytes, bytes]],
-    keep_alive: bool,
-) -> bytes:
-    """The whole answer, status line to body, for one write."""
-    content = [STATUS_LINE[503]]
-    for name, value in (
-        *default_headers,
-        *_shed_headers(body, request_headers),
-        *(() if keep_alive else ((b"connection", b"close"),)),
-    ):
-        content += (name, b": ", value, b"\r\n")
-    content += (b"\r\n", body)
-    return b"".join(content)
