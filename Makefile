@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test install models redis prometheus lint fmt clean bench fuzz
+.PHONY: up test install models redis prometheus lint fmt clean bench fuzz kuberay
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "[make] creating $(VENV) and installing pinned dependencies (first run takes minutes)"
@@ -46,6 +46,12 @@ fuzz: models
 
 bench: models
 	$(BIN)/python -m loadtests
+
+# The KubeRay manifests: the RayService rendered from deployments/local.yaml, and the
+# Grafana dashboard the kustomization ships (a test checks both are current).
+kuberay: models
+	$(BIN)/serving config render --format rayservice > deployments/kuberay/rayservice.yaml
+	cp deployments/grafana/dashboards/serving.json deployments/kuberay/dashboards/
 
 lint: install
 	$(BIN)/ruff check serving tests loadtests models

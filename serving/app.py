@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving import deploy
-from serving.auth import token_digest
+from serving.auth import read_token, token_digest
 from serving.dataplane import DataPlane
 from serving.dataplane.invoke import ReplicaHandle
 from serving.dataplane.replicas import ReplicaWatch
@@ -57,8 +57,12 @@ class Gateway:
         admin_token_sha256: str | None,
     ) -> None:
         keep_replica_grpc_on_loopback()
-        self._settings = s = Settings.model_validate(settings)
+        # What the config carries wins; the rest (all of it, for a portable config)
+        # comes from this process's environment.
+        self._settings = s = Settings(**settings)
         self._dep = DeploymentFile.model_validate(deployment)
+        if s.registry_dir is not None:
+            self._dep = self._dep.model_copy(update={"registry": s.registry_dir})
         self._rollouts = RolloutController(
             s.redis_url,
             s.redis_namespace,
@@ -89,7 +93,11 @@ class Gateway:
                 else None
             ),
         )
-        self._admin_digest = admin_token_sha256
+        # Without a digest in the config (a portable one), the token comes from this
+        # process's environment: SERVING_ADMIN_TOKEN, or the file that
+        # SERVING_ADMIN_TOKEN_FILE names (e.g. a mounted Kubernetes Secret).
+        token = None if admin_token_sha256 else read_token(s)
+        self._admin_digest = token_digest(token) if token else admin_token_sha256
         self._lock: asyncio.Lock | None = None  # made lazily inside the running loop
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
@@ -197,7 +205,7 @@ def _fused_worker(s: Settings, dep: DeploymentFile, model: str, version: str) ->
         model,
         version,
         str(dep.registry),
-        deploy.runtime_options(s),
+        s.runtime_options(),
         vcfg.warmup.model_dump() if vcfg.warmup else None,
     )
     worker.reconfigure(vcfg.batching.model_dump(exclude_none=True))
@@ -208,14 +216,15 @@ def _fused_worker(s: Settings, dep: DeploymentFile, model: str, version: str) ->
 def gateway_app(args: dict[str, Any]) -> Application:
     # `bind` is added by @serve.deployment, which mypy cannot see through.
     app: Application = Gateway.bind(  # type: ignore[attr-defined]
-        args["settings"], args["deployment"], _admin_digest(args)
+        args.get("settings") or {}, args["deployment"], _admin_digest(args)
     )
     return app
 
 
 def _admin_digest(args: dict[str, Any]) -> str | None:
-    """The admin token's digest from the app's args; a plain `admin_token` (a config
-    written by hand) is hashed here, so the replica never keeps it."""
+    """The admin token's digest from the app's args (`serving up` puts it there); a
+    plain `admin_token` (a config written by hand) is hashed here, so the replica
+    never keeps it. None: the replica reads it from its own environment."""
     if args.get("admin_token_sha256"):
         return str(args["admin_token_sha256"])
     return token_digest(args["admin_token"]) if args.get("admin_token") else None
@@ -226,7 +235,7 @@ def model_app(args: dict[str, Any]) -> Application:
         args["model"],
         args["version"],
         args["registry"],
-        args["runtime"],
+        args.get("runtime"),
         args.get("warmup"),
         args.get("max_in_flight", 1024),
     )

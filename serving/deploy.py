@@ -23,7 +23,13 @@ from ray import serve
 from serving.auth import token_digest
 from serving.errors import ConfigError
 from serving.models.registry import Registry
-from serving.settings import BatchingOverride, DeploymentFile, Settings, VersionConfig
+from serving.settings import (
+    BatchingOverride,
+    DeploymentFile,
+    IngressConfig,
+    Settings,
+    VersionConfig,
+)
 
 GATEWAY_APP = "gateway"
 
@@ -33,20 +39,11 @@ def model_app_name(model: str, version: str) -> str:
     return f"model-{model}-{version}"
 
 
-def runtime_options(s: Settings) -> dict[str, Any]:
-    """How a model version's runtime is set up, from the process settings."""
-    return {
-        "device": s.device,
-        "onnx_intra_op_threads": s.onnx_intra_op_threads,
-        "torch_threads": s.torch_threads,
-        "inline_infer_max_s": s.inline_infer_max_ms / 1000,
-    }
-
-
 def model_app_config(
-    settings: Settings, registry_root: Path, model: str, version: str, vcfg: VersionConfig
+    settings: Settings | None, registry_root: Path, model: str, version: str, vcfg: VersionConfig
 ) -> dict[str, Any]:
-    """The Serve application hosting one model version."""
+    """The Serve application hosting one model version. Without `settings` (a portable
+    config) the replica takes its runtime options from its own environment."""
     manifest = Registry(registry_root).get(model, version).manifest
     max_batch = vcfg.batching.max_batch_size or manifest.batching.max_batch_size
     max_ongoing = max(2 * max_batch, 16)
@@ -98,7 +95,7 @@ def model_app_config(
             "model": model,
             "version": version,
             "registry": str(registry_root),
-            "runtime": runtime_options(settings),
+            "runtime": settings.runtime_options() if settings is not None else None,
             "warmup": vcfg.warmup.model_dump() if vcfg.warmup else None,
             # The direct channel's bound: what Serve would hold, running or queued.
             "max_in_flight": max_ongoing + vcfg.max_queued_requests,
@@ -118,34 +115,34 @@ def serve_config(
     dep: DeploymentFile,
     admin_token: str | None,
     extra_versions: dict[str, set[str]] | None = None,
+    *,
+    portable: bool = False,
 ) -> dict[str, Any]:
     """The declarative Serve config for the whole gateway (ServeDeploySchema shape).
-    `extra_versions` adds versions that rollouts route to (read back from Redis)."""
-    registry_root = dep.registry.resolve()
-    dep = dep.model_copy(update={"registry": registry_root})
+    `extra_versions` adds versions that rollouts route to (read back from Redis).
+
+    `serving up` bakes its own settings into the config (every replica, on any node,
+    runs with the driver's). A `portable` config (`serving config render`, for another
+    machine or a cluster) holds no process settings, no absolute path and no token:
+    each replica reads SERVING_* (Redis URL, registry, admin token, ports) from the
+    environment it runs in, and paths stay as the deployment file writes them."""
+    if not portable:
+        dep = dep.model_copy(update={"registry": dep.registry.resolve()})
     apps: list[dict[str, Any]] = [
         {
             "name": GATEWAY_APP,
             "route_prefix": "/",
             "import_path": "serving.app:gateway_app",
             "args": {
-                "settings": settings.model_dump(mode="json", exclude={"admin_token"}),
-                "deployment": dep.model_dump(mode="json"),
-                "admin_token_sha256": token_digest(admin_token) if admin_token else None,
+                "settings": (
+                    {} if portable else settings.model_dump(mode="json", exclude={"admin_token"})
+                ),
+                "deployment": dep.model_dump(mode="json", exclude_defaults=portable),
+                "admin_token_sha256": (
+                    token_digest(admin_token) if admin_token and not portable else None
+                ),
             },
-            "deployments": [
-                {
-                    "name": "Gateway",
-                    "num_replicas": dep.ingress.num_replicas,
-                    "max_ongoing_requests": dep.ingress.max_ongoing_requests,
-                    "ray_actor_options": {"num_cpus": dep.ingress.num_cpus},
-                    # Serve checks for its own requests every wait_loop_s before it runs
-                    # the app's shutdown, which drains ours (direct HTTP, gRPC) within
-                    # drain_timeout_s; then it waits no longer than this.
-                    "graceful_shutdown_wait_loop_s": 0.5,
-                    "graceful_shutdown_timeout_s": settings.drain_timeout_s + 5.0,
-                }
-            ],
+            "deployments": [_gateway_deployment(settings, dep.ingress)],
         }
     ]
     for model, mcfg in dep.models.items():
@@ -154,10 +151,34 @@ def serve_config(
         for version in sorted(versions - fused):
             apps.append(
                 model_app_config(
-                    settings, registry_root, model, version, version_config(dep, model, version)
+                    None if portable else settings,
+                    dep.registry,
+                    model,
+                    version,
+                    version_config(dep, model, version),
                 )
             )
     return {"applications": apps}
+
+
+def _gateway_deployment(settings: Settings, ingress: IngressConfig) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": ingress.num_cpus}
+    if ingress.custom_resources:
+        actor["resources"] = dict(ingress.custom_resources)
+    d: dict[str, Any] = {
+        "name": "Gateway",
+        "num_replicas": ingress.num_replicas,
+        "max_ongoing_requests": ingress.max_ongoing_requests,
+        "ray_actor_options": actor,
+        # Serve checks for its own requests every wait_loop_s before it runs the app's
+        # shutdown, which drains ours (direct HTTP, gRPC) within drain_timeout_s; then
+        # it waits no longer than this.
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s + 5.0,
+    }
+    if ingress.max_replicas_per_node:
+        d["max_replicas_per_node"] = ingress.max_replicas_per_node
+    return d
 
 
 def ensure_versions(

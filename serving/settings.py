@@ -96,6 +96,15 @@ class Settings(BaseSettings):
     admin_token: str | None = None
     admin_token_file: Path = Path.home() / ".config" / "serving" / "admin-token"
 
+    def runtime_options(self) -> dict[str, Any]:
+        """How a model version's runtime is set up (serving.models.worker)."""
+        return {
+            "device": self.device,
+            "onnx_intra_op_threads": self.onnx_intra_op_threads,
+            "torch_threads": self.torch_threads,
+            "inline_infer_max_s": self.inline_infer_max_ms / 1000,
+        }
+
     def proxy_port(self) -> int:
         """Where Ray Serve's own HTTP proxy listens."""
         return self.ray_proxy_port if self.http_mode == "direct" else self.http_port
@@ -198,6 +207,10 @@ class IngressConfig(BaseModel):
     # The in-flight limit adapts below max_ongoing_requests so that requests queue no
     # longer than this (serving.dataplane.admission).
     target_queue_delay_ms: float = Field(default=20.0, gt=0)
+    # Placement in a cluster: at most this many ingress replicas per node, and custom
+    # Ray resources each one asks for (a node group that offers them hosts the ingress).
+    max_replicas_per_node: int | None = Field(default=None, ge=1)
+    custom_resources: dict[str, float] = Field(default_factory=dict)
 
 
 class FeatureTable(BaseModel):

@@ -11,12 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+from enum import StrEnum
 from typing import Annotated, Any
 from urllib.parse import urlparse
 
 import httpx
 import typer
-import yaml
 
 from serving import keys
 from serving.cli.common import ConfigOpt, cli_settings, console, err, fail
@@ -237,19 +237,58 @@ def _wait_ready(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"gateway not ready: {last}")
 
 
+class RenderFormat(StrEnum):
+    serve = "serve"
+    rayservice = "rayservice"
+
+
 @config_app.command("render")
-def config_render(config: ConfigOpt = None) -> None:
-    """Print the Ray Serve config this deployment file produces (e.g. for a RayService's
-    serveConfigV2). The admin token is left out."""
-    from serving import deploy
+def config_render(
+    config: ConfigOpt = None,
+    format: Annotated[
+        RenderFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="`serve`: a Ray Serve config; `rayservice`: a KubeRay RayService.",
+        ),
+    ] = RenderFormat.serve,
+    name: Annotated[str, typer.Option(help="RayService: its name.")] = "serving-gateway",
+    image: Annotated[str, typer.Option(help="RayService: the CPU image.")] = (
+        "serving-gateway:latest"
+    ),
+    gpu_image: Annotated[str, typer.Option(help="RayService: the GPU image.")] = (
+        "serving-gateway:latest-gpu"
+    ),
+    secret: Annotated[
+        str, typer.Option(help="RayService: the Secret with `redis-url` and `admin-token`.")
+    ] = "serving-gateway",
+) -> None:
+    """Print the deployment as a portable Ray Serve config (what a RayService's
+    serveConfigV2 holds) or as a whole KubeRay RayService. Nothing of this machine goes
+    in: no address, no absolute path, no token; each replica reads SERVING_* (Redis
+    URL, registry, admin token, ports) where it runs."""
+    from serving import deploy, kuberay
 
     settings = cli_settings(config)
     try:
         dep = load_deployment(settings.config, settings.registry_dir)
-        cfg = deploy.serve_config(settings, dep, None)
+        if format is RenderFormat.serve:
+            doc = deploy.serve_config(settings, dep, None, portable=True)
+        else:
+            dep = kuberay.for_cluster(dep)
+            spec = kuberay.ClusterSpec(name=name, image=image, gpu_image=gpu_image, secret=secret)
+            doc = kuberay.rayservice(
+                deploy.serve_config(settings, dep, None, portable=True), dep, settings, spec
+            )
     except ConfigError as exc:
-        fail(str(exc))
-    sys.stdout.write(yaml.safe_dump(cfg, sort_keys=False))
+        hint = (
+            "\nRun it from the project directory, or name a deployment file with --config."
+            if not settings.config.exists()
+            else ""
+        )
+        fail(f"{exc}{hint}")
+    sys.stdout.write(kuberay.dump(doc))
 
 
 @redis_app.command("ensure")

@@ -18,6 +18,7 @@ from serving.listeners import keep_replica_grpc_on_loopback
 from serving.models.endpoint import ReplicaEndpoint
 from serving.models.worker import ModelWorker
 from serving.observability import buffered
+from serving.settings import Settings
 
 
 @serve.deployment(name="ModelReplica")
@@ -27,11 +28,16 @@ class ModelReplica(ModelWorker):
         model: str,
         version: str,
         registry: str,
-        runtime: dict[str, Any],
+        runtime: dict[str, Any] | None,
         warmup: dict[str, Any] | None = None,
         max_in_flight: int = 1024,
     ) -> None:
         keep_replica_grpc_on_loopback()
+        # A portable config leaves the runtime options, and may leave the registry, to
+        # this process's environment (SERVING_REGISTRY_DIR wins over the config's).
+        env = Settings()
+        registry = str(env.registry_dir or registry)
+        runtime = runtime if runtime is not None else env.runtime_options()
         ModelWorker.__init__(self, model, version, registry, runtime, warmup)
         self._endpoint = ReplicaEndpoint(self, max_in_flight)
         await self._endpoint.start(ray.util.get_node_ip_address())
