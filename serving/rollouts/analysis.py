@@ -48,6 +48,7 @@ class Decision(BaseModel):
     reason: str
     weight: float
     figures: dict[str, Any] = Field(default_factory=dict)
+    revision: int = 0  # the routing table's revision this decision wrote
 
 
 class RolloutState(BaseModel):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -30,7 +31,41 @@ from serving.rollouts.tables import TableRouter
 
 log = logging.getLogger(__name__)
 
+
+class StaleRevision(Exception):
+    """Another controller changed the table since this command read it."""
+
 ADMIN_TIMEOUT_S = 5.0  # all the Redis work of one rollout status call
+CAS_ATTEMPTS = 20  # a command re-read and re-applied after losing a race, at most
+
+# A decision is a compare-and-set on the routing table's revision: table, state and
+# history change together only if nobody changed the table since the command read it.
+# KEYS: routing, rollout state, history; ARGV: expected revision, table, state,
+# decision ('' for none), history length, channel, model. 1: applied, 0: stale.
+_SAVE_IF_CURRENT = """
+local current = redis.call('GET', KEYS[1])
+local revision = 0
+if current then revision = cjson.decode(current)['revision'] or 0 end
+if revision ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('LPUSH', KEYS[3], ARGV[4])
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
+end
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 1
+"""
+
+# The analysis leader: take the lock if free, or renew it if this controller holds it.
+_LEAD = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 
 Deploy = Callable[[str, list[str]], Awaitable[None]]  # model, versions to have running
 Retire = Callable[[str, list[str]], Awaitable[None]]  # model, versions to remove
@@ -86,15 +121,28 @@ class RolloutController:
     async def _save(
         self, table: RoutingTable, state: RolloutState, decision: Decision | None
     ) -> None:
-        table = table.model_copy(update={"revision": self.router.tables[table.model].revision + 1})
-        pipe = self._redis().pipeline(transaction=True)
-        pipe.set(keys.routing(self._ns, table.model), table.model_dump_json())
-        pipe.set(keys.rollout(self._ns, table.model), state.model_dump_json())
+        """Write the table (one revision on from the one the command read), the state
+        and the decision at once, or raise StaleRevision if the table moved on."""
+        expected = table.revision
+        table = table.model_copy(update={"revision": expected + 1})
         if decision is not None:
-            pipe.lpush(keys.history(self._ns, table.model), decision.model_dump_json())
-            pipe.ltrim(keys.history(self._ns, table.model), 0, keys.HISTORY_MAX - 1)
-        pipe.publish(keys.routing_channel(self._ns), table.model)
-        await pipe.execute()
+            decision = decision.model_copy(update={"revision": table.revision})
+        applied = await self._redis().eval(
+            _SAVE_IF_CURRENT,
+            3,
+            keys.routing(self._ns, table.model),
+            keys.rollout(self._ns, table.model),
+            keys.history(self._ns, table.model),
+            expected,
+            table.model_dump_json(),
+            state.model_dump_json(),
+            decision.model_dump_json() if decision is not None else "",
+            keys.HISTORY_MAX,
+            keys.routing_channel(self._ns),
+            table.model,
+        )
+        if not applied:
+            raise StaleRevision(table.model)
         self.router.put(table)
         self.router.export(table.model, state.status)
         if decision is not None:
@@ -121,7 +169,6 @@ class RolloutController:
         await self.ensure_started()
         assert self._op_lock is not None
         async with self._op_lock:
-            await self.router.reload([model])
             handler = {
                 "start": self._start,
                 "pause": self._pause,
@@ -133,7 +180,17 @@ class RolloutController:
             }.get(action)
             if handler is None:
                 raise InvalidInput(f"unknown action {action!r}", field="action")
-            await handler(model, body)
+            # Read, decide, compare-and-set; lost a race: read again and decide anew
+            # (the command may now be refused, e.g. pause after another pause).
+            for _ in range(CAS_ATTEMPTS):
+                await self.router.reload([model])
+                try:
+                    await handler(model, body)
+                    break
+                except StaleRevision:
+                    continue
+            else:
+                raise Conflict(f"{model}'s rollout kept changing under this command; retry")
         return await self._status(model)
 
     def _decision(
@@ -351,19 +408,20 @@ class RolloutController:
 
     # ---- analysis ----------------------------------------------------------------------
     async def _leader(self) -> bool:
-        r = self._redis()
-        key = keys.leader(self._ns)
-        if await r.set(key, self._id, nx=True, px=keys.LEADER_TTL_MS):
-            return True
-        if await r.get(key) == self._id:
-            await r.pexpire(key, keys.LEADER_TTL_MS)
-            return True
-        return False
+        lead = await self._redis().eval(
+            _LEAD, 1, keys.leader(self._ns), self._id, keys.LEADER_TTL_MS
+        )
+        return bool(lead)
 
     async def _analyze(self) -> None:
         if await self._leader():
             for model in list(self.router.tables):
-                await self._tick(model)
+                await self.analyze_once(model)
+
+    async def analyze_once(self, model: str) -> None:
+        """One look at a running rollout (the leader's, every 0.5 s)."""
+        with contextlib.suppress(StaleRevision):  # a command got there first
+            await self._tick(model)
 
     async def _tick(self, model: str) -> None:
         assert self._op_lock is not None
