@@ -2,32 +2,40 @@
 
 `Gateway` (the ingress) wires the data plane to its parts (routing tables, statistics,
 prediction records, fused model workers), the transports to the data plane, and the
-servers to the app's lifespan. `gateway_app` and `model_app` are the application
+servers to the app's lifespan. `RolloutControl`, beside it in the gateway
+application, is the control plane: one replica that owns rollout state and deploys
+and retires model applications. `gateway_app` and `model_app` are the application
 builders the Serve config names (serving.deploy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 
 from serving import deploy
 from serving.auth import read_token, token_digest
 from serving.dataplane import DataPlane
 from serving.dataplane.invoke import ReplicaHandle
 from serving.dataplane.replicas import ReplicaWatch
-from serving.errors import ConfigError, InvalidInput, NotReady
+from serving.dataplane.routing import served_versions
+from serving.errors import ConfigError, InvalidInput, NotReady, ServingError
 from serving.listeners import keep_replica_grpc_on_loopback
 from serving.models.registry import Registry
 from serving.models.replica import ModelReplica
 from serving.models.worker import ModelWorker
 from serving.observability.feedback import FeedbackStore
 from serving.rollouts.controller import RolloutController
+from serving.rollouts.view import RolloutView
 from serving.settings import BatchingOverride, DeploymentFile, Settings
+from serving.transport.claims import PortClaims
 from serving.transport.direct_http import (
     ConnectionLimits,
     DirectHttpServer,
@@ -55,6 +63,7 @@ class Gateway:
         settings: dict[str, Any],
         deployment: dict[str, Any],
         admin_token_sha256: str | None,
+        control: DeploymentHandle,
     ) -> None:
         keep_replica_grpc_on_loopback()
         # What the config carries wins; the rest (all of it, for a portable config)
@@ -63,13 +72,17 @@ class Gateway:
         self._dep = DeploymentFile.model_validate(deployment)
         if s.registry_dir is not None:
             self._dep = self._dep.model_copy(update={"registry": s.registry_dir})
-        self._rollouts = RolloutController(
-            s.redis_url,
-            s.redis_namespace,
-            {m: cfg.default for m, cfg in self._dep.models.items()},
-            self._deploy_versions,
-            self._retire_versions,
+        # This gateway's ports, or a clear start-up error if another gateway has them.
+        ports = {s.grpc_port: ("gRPC", "SERVING_GRPC_PORT")}
+        if s.http_mode == "direct":
+            ports[s.http_port] = ("HTTP", "SERVING_HTTP_PORT")
+        self._claims = PortClaims(ports, _gateway_identity())
+        self._claims.claim()
+        # Routing tables and statistics; rollout commands go to the control plane.
+        self._rollouts = RolloutView(
+            s.redis_url, s.redis_namespace, {m: cfg.default for m, cfg in self._dep.models.items()}
         )
+        self._control = control
         self._feedback = FeedbackStore(s.redis_url, s.redis_namespace, s.prediction_ttl_s)
         # Fused versions run here, warmed before this replica reports healthy.
         self._local = {
@@ -113,7 +126,7 @@ class Gateway:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            await asyncio.to_thread(deploy.update_batching, model, version, override)
+            await _call(self._control.update_batching, model, version, override.model_dump())
             await self._await_batching(model, version, override)
 
     async def _await_batching(self, model: str, version: str, want: BatchingOverride) -> None:
@@ -130,35 +143,13 @@ class Gateway:
                 return
             await asyncio.sleep(0.1)
 
-    async def _deploy_versions(self, model: str, versions: list[str]) -> None:
-        # Fused versions already run in this process: no application to deploy.
-        versions = [v for v in versions if (model, v) not in self._local]
-        registry = Registry(self._dep.registry)
-        for v in versions:
-            try:
-                registry.get(model, v)
-            except ConfigError as exc:
-                raise InvalidInput(str(exc), field="to") from None
-        try:
-            await asyncio.to_thread(
-                deploy.ensure_versions, self._settings, self._dep, model, versions, 300.0
-            )
-        except (ConfigError, TimeoutError) as exc:
-            raise NotReady(f"could not deploy {model} {versions}: {exc}") from None
-
-    async def _retire_versions(self, model: str, versions: list[str]) -> None:
-        # Never retire what still takes traffic (e.g. a configured, pinned version).
-        gone = [v for v in versions if v not in self._plane.catalog.served_versions(model)]
-        if gone:
-            await asyncio.to_thread(deploy.retire_versions, model, gone)
-
     def __serve_build_asgi_app__(self) -> Any:
         s = self._settings
         app = build_http_app(
             self._plane,
             s,
             admin_digest=self._admin_digest,
-            rollouts=self._rollouts,
+            rollouts=_Rollouts(self._rollouts, self._control),
             labels=self._feedback,
             reconfigure=self._reconfigure,
         )
@@ -166,7 +157,8 @@ class Gateway:
         # the app's lifespan on the replica's event loop at start-up and again at
         # graceful shutdown (serving.transport.direct_http.with_servers).
         servers: list[Service] = [
-            GrpcServer(self._plane, s, self._dep.ingress.max_ongoing_requests)
+            self._claims,
+            GrpcServer(self._plane, s, self._dep.ingress.max_ongoing_requests),
         ]
         if s.http_mode == "direct":
             limits = ConnectionLimits(
@@ -182,12 +174,110 @@ class Gateway:
         return app
 
 
-class _Background:
-    """The rollout controller's loops (routing tables, statistics, analysis), started
-    before the servers take requests; on the way out, after they stopped, those and
-    the data plane's connections to replicas."""
+def _gateway_identity() -> str:
+    """The same for every ingress replica of this gateway (its Ray cluster and Serve
+    application), different for any other."""
+    import ray
 
-    def __init__(self, rollouts: RolloutController, plane: DataPlane) -> None:
+    where = f"{ray.get_runtime_context().gcs_address}/{serve.get_replica_context().app_name}"
+    return hashlib.sha256(where.encode()).hexdigest()[:16]
+
+
+class _Rollouts:
+    """Rollout commands for the admin API: status is read here, commands run in the
+    control plane (one replica of RolloutControl), whose errors arrive as they were
+    raised there."""
+
+    def __init__(self, view: RolloutView, control: DeploymentHandle) -> None:
+        self._view = view
+        self._control = control
+
+    async def status(self, model: str) -> dict[str, Any]:
+        return await self._view.status(model)
+
+    async def run(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await _call(self._control.run, model, action, body)
+        return result
+
+
+async def _call(method: Any, *args: Any) -> Any:
+    """A call to the control plane; a ServingError raised there is raised here."""
+    try:
+        return await method.remote(*args)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, ServingError):
+            raise exc.cause from None
+        raise
+
+
+@serve.deployment(name="RolloutControl", num_replicas=1)
+class RolloutControl:
+    """The control plane: the one owner of rollout state and of deploying and retiring
+    model applications (serving.rollouts.controller). One replica, restarted by Serve
+    if it dies; a new one resumes running rollouts from Redis."""
+
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
+        self, settings: dict[str, Any], deployment: dict[str, Any]
+    ) -> None:
+        keep_replica_grpc_on_loopback()
+        self._settings = s = Settings(**settings)
+        self._dep = DeploymentFile.model_validate(deployment)
+        if s.registry_dir is not None:
+            self._dep = self._dep.model_copy(update={"registry": s.registry_dir})
+        self._ctl = RolloutController(
+            s.redis_url,
+            s.redis_namespace,
+            {m: cfg.default for m, cfg in self._dep.models.items()},
+            self._deploy_versions,
+            self._retire_versions,
+        )
+        await self._ctl.ensure_started()
+        self._batching_lock = asyncio.Lock()
+
+    async def run(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._ctl.run(model, action, body)
+
+    async def update_batching(self, model: str, version: str, change: dict[str, Any]) -> None:
+        async with self._batching_lock:
+            override = BatchingOverride.model_validate(change)
+            await asyncio.to_thread(deploy.update_batching, model, version, override)
+
+    async def __del__(self) -> None:
+        await self._ctl.close()
+
+    async def _deploy_versions(self, model: str, versions: list[str]) -> None:
+        # Fused versions run inside the ingress replicas: no application to deploy.
+        configured = self._dep.models[model].versions
+        versions = [
+            v for v in versions if v not in configured or configured[v].placement != "fused"
+        ]
+        registry = Registry(self._dep.registry)
+        for v in versions:
+            try:
+                registry.get(model, v)
+            except ConfigError as exc:
+                raise InvalidInput(str(exc), field="to") from None
+        try:
+            await asyncio.to_thread(
+                deploy.ensure_versions, self._settings, self._dep, model, versions, 300.0
+            )
+        except (ConfigError, TimeoutError) as exc:
+            raise NotReady(f"could not deploy {model} {versions}: {exc}") from None
+
+    async def _retire_versions(self, model: str, versions: list[str]) -> None:
+        # Never retire what still takes traffic (e.g. a configured, pinned version).
+        served = served_versions(self._dep.models[model], self._ctl.router.routed_versions(model))
+        gone = [v for v in versions if v not in served]
+        if gone:
+            await asyncio.to_thread(deploy.retire_versions, model, gone)
+
+
+class _Background:
+    """The routing tables' and statistics' loops, started before the servers take
+    requests; on the way out, after they stopped, those and the data plane's
+    connections to replicas."""
+
+    def __init__(self, rollouts: RolloutView, plane: DataPlane) -> None:
         self._rollouts = rollouts
         self._plane = plane
 
@@ -215,8 +305,10 @@ def _fused_worker(s: Settings, dep: DeploymentFile, model: str, version: str) ->
 # ---- application builders (import paths named in the Serve config) -------------------
 def gateway_app(args: dict[str, Any]) -> Application:
     # `bind` is added by @serve.deployment, which mypy cannot see through.
+    settings = args.get("settings") or {}
+    control = RolloutControl.bind(settings, args["deployment"])  # type: ignore[attr-defined]
     app: Application = Gateway.bind(  # type: ignore[attr-defined]
-        args.get("settings") or {}, args["deployment"], _admin_digest(args)
+        settings, args["deployment"], _admin_digest(args), control
     )
     return app
 

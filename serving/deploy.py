@@ -142,7 +142,16 @@ def serve_config(
                     token_digest(admin_token) if admin_token and not portable else None
                 ),
             },
-            "deployments": [_gateway_deployment(settings, dep.ingress)],
+            "deployments": [
+                _gateway_deployment(settings, dep.ingress),
+                # The control plane (rollouts, deploying versions): one small replica,
+                # wherever it fits (no CPU reserved: it mostly waits on Redis).
+                {
+                    "name": "RolloutControl",
+                    "num_replicas": 1,
+                    "ray_actor_options": {"num_cpus": 0},
+                },
+            ],
         }
     ]
     for model, mcfg in dep.models.items():
@@ -233,6 +242,15 @@ def deployed_config() -> dict[str, Any]:
     return {"applications": apps}
 
 
+def ingress_nodes() -> list[str]:
+    """The addresses of the nodes that run a running ingress replica: the front doors
+    (in a cluster each ingress replica serves HTTP and gRPC on its node's address)."""
+    details = _client().get_serve_details()
+    gateway = details.get("applications", {}).get(GATEWAY_APP, {})
+    replicas = gateway.get("deployments", {}).get("Gateway", {}).get("replicas", [])
+    return sorted({r["node_ip"] for r in replicas if r.get("state") == "RUNNING"})
+
+
 def update_batching(model: str, version: str, override: BatchingOverride) -> None:
     """Merge a batching change into the version's user_config and re-apply the config:
     a lightweight update that reaches every replica through `reconfigure`."""
@@ -276,7 +294,7 @@ def wait_until_running(
         if progress is not None:
             progress(states)
         failed = {
-            n: status.applications[n].message
+            n: _failure(status.applications[n])
             for n, s in states.items()
             if s in ("DEPLOY_FAILED", "UNHEALTHY")
         }
@@ -289,6 +307,17 @@ def wait_until_running(
         if time.monotonic() > deadline:
             raise TimeoutError(f"not running after {timeout_s:.0f}s: {states}")
         time.sleep(0.25)
+
+
+def _failure(app: Any) -> str:
+    """An application's failure: its message, and each failed deployment's last line
+    (the exception a replica raised, not Serve's whole traceback)."""
+    why = [app.message]
+    for name, d in app.deployments.items():
+        if d.status.value in ("DEPLOY_FAILED", "UNHEALTHY") and d.message:
+            lines = [line.strip() for line in d.message.strip().splitlines() if line.strip()]
+            why.append(f"{name}: {lines[-1]}")
+    return "; ".join(why)
 
 
 def app_names(dep: DeploymentFile) -> list[str]:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -120,6 +121,7 @@ def up(
         console.print(f"\n[yellow]received {signal.Signals(signum).name}, shutting down…[/]")
         stop.set()
 
+    ports_free(settings)
     try:
         bootstrap_feature_tables(settings, dep)
     except Exception as exc:  # Redis down or a bad table: say so, but still serve
@@ -157,11 +159,17 @@ def up(
                 last = dict(states)
 
         deploy.wait_until_running(names, timeout, progress)
-        _wait_ready(settings.gateway_url(), timeout - (time.monotonic() - t0))
+        doors = front_doors(settings, joined)
+        for url in doors:
+            _wait_ready(url, timeout - (time.monotonic() - t0))
         console.print(
             f"[bold green]ready[/] in {time.monotonic() - t0:.1f}s: "
-            f"HTTP {settings.gateway_url()}  (docs {settings.gateway_url()}/docs)  "
-            f"gRPC {settings.grpc_target()}\n"
+            f"HTTP {', '.join(doors)}  (docs {doors[0]}/docs)  "
+            + (
+                f"gRPC {settings.grpc_target()}\n"
+                if doors == [settings.gateway_url()]
+                else f"gRPC port {settings.grpc_port} on each\n"
+            )
             + ("" if joined else f"metrics http://127.0.0.1:{settings.metrics_port}/metrics\n")
             + f"admin token file: {settings.admin_token_file}\nCtrl-C to stop."
         )
@@ -178,6 +186,35 @@ def up(
             serve.shutdown()
         ray.shutdown()
         console.print("stopped.")
+
+
+def front_doors(settings: Settings, joined: bool) -> list[str]:
+    """Where the gateway answers: its own address on a local cluster; on a joined one,
+    each node that runs an ingress replica (when it listens on all addresses)."""
+    if not joined or settings.http_host not in ("0.0.0.0", "::"):
+        return [settings.gateway_url()]
+    from serving import deploy
+
+    nodes = deploy.ingress_nodes()
+    return [f"http://{ip}:{settings.http_port}" for ip in nodes] or [settings.gateway_url()]
+
+
+def ports_free(settings: Settings) -> None:
+    """Fail at once, naming the culprit, when a port this gateway would serve on is
+    taken: by another gateway (its ingress replicas claim their ports; see
+    serving.transport.claims) or by any other program."""
+    from serving.transport import claims
+
+    ports = {settings.grpc_port: ("gRPC", "SERVING_GRPC_PORT")}
+    if settings.http_mode == "direct":
+        ports[settings.http_port] = ("HTTP", "SERVING_HTTP_PORT")
+    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "::", "") else settings.http_host
+    for port, (what, setting) in ports.items():
+        taken = claims.foreign(port, None)
+        if taken:
+            fail(claims.describe(taken, what, setting))
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            fail(f"{what} port {port} on {host} is in use by another program ({setting})")
 
 
 def routed_versions(settings: Settings, models: list[str]) -> dict[str, set[str]]:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 
 from serving.errors import ConfigError, NotFound, NotReady
 from serving.models.registry import Arrays, Manifest, Registry
-from serving.settings import DeploymentFile
+from serving.settings import DeploymentFile, ModelConfig
 
 Arm = Literal["stable", "canary", "pinned"]
 
@@ -91,9 +91,7 @@ class Catalog:
         """Versions that take traffic: those the routing table names, plus configured
         non-default versions (reachable when pinned). The configured default counts
         only while the table still routes to it: a promotion retires it."""
-        cfg = self._dep.models[model]
-        routed = self.router.routed_versions(model)
-        return sorted(routed | (set(cfg.versions) - {cfg.default}))
+        return served_versions(self._dep.models[model], self.router.routed_versions(model))
 
     def default_version(self, model: str) -> str:
         return self.router.stable(model)
@@ -162,3 +160,8 @@ class Catalog:
         routed, arm = self.router.route(model, sticky)
         v, manifest = self.resolve(model, routed)
         return v, arm, manifest
+
+
+def served_versions(cfg: ModelConfig, routed: set[str]) -> list[str]:
+    """A model's versions that take traffic, given those its routing table names."""
+    return sorted(routed | (set(cfg.versions) - {cfg.default}))

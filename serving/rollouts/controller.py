@@ -1,11 +1,16 @@
-"""The rollout controller inside each ingress replica.
+"""The rollout control plane: one owner of rollout state, in its own one-replica
+deployment (serving.app.RolloutControl), separate from the ingress.
 
-- Executes admin commands (start, pause, resume, promote, rollback, set-weight, shadow):
-  deploys or retires version applications and writes the new state to Redis, where
-  every ingress replica's routing tables (serving.rollouts.tables) pick it up.
-- Flushes this replica's per-arm request statistics to Redis once a second.
-- Runs the analysis loop when it holds the leader lock (one replica at a time), so
-  decisions are made once, from the statistics of all replicas.
+- Executes admin commands (start, pause, resume, promote, rollback, set-weight, shadow)
+  that ingress replicas forward to it: deploys or retires version applications and
+  writes the new state to Redis, where every ingress replica's routing tables
+  (serving.rollouts.tables) pick it up.
+- Runs the analysis loop while it holds the leader lock (so a replica Serve starts in
+  place of a dead one, or one overlapping it in an update, never decides twice), from
+  the statistics every ingress replica flushes. A restarted controller resumes a
+  rollout where it was: its whole state is in Redis.
+- Every change is a compare-and-set on the routing table's revision: a command or an
+  analysis step that lost a race to another writer re-reads and decides again.
 """
 
 from __future__ import annotations
@@ -21,21 +26,15 @@ from typing import Any
 
 from serving import keys
 from serving.background import every
-from serving.errors import Conflict, InvalidInput, NotFound
+from serving.errors import Conflict, InvalidInput
 from serving.observability.metrics import metrics
-from serving.redis_conn import LazyClient, state_store
+from serving.redis_conn import state_store
 from serving.rollouts.analysis import Decision, RolloutSpec, RolloutState, analyze
-from serving.rollouts.stats import StatsStore
 from serving.rollouts.table import RoutingTable
-from serving.rollouts.tables import TableRouter
+from serving.rollouts.view import RolloutView
 
 log = logging.getLogger(__name__)
 
-
-class StaleRevision(Exception):
-    """Another controller changed the table since this command read it."""
-
-ADMIN_TIMEOUT_S = 5.0  # all the Redis work of one rollout status call
 CAS_ATTEMPTS = 20  # a command re-read and re-applied after losing a race, at most
 
 # A decision is a compare-and-set on the routing table's revision: table, state and
@@ -71,7 +70,11 @@ Deploy = Callable[[str, list[str]], Awaitable[None]]  # model, versions to have 
 Retire = Callable[[str, list[str]], Awaitable[None]]  # model, versions to remove
 
 
-class RolloutController:
+class StaleRevision(Exception):
+    """Another writer changed the table since this command read it."""
+
+
+class RolloutController(RolloutView):
     def __init__(
         self,
         redis_url: str,
@@ -82,42 +85,22 @@ class RolloutController:
         *,
         propagation_s: float = 1.5,
     ) -> None:
-        self._ns = namespace
-        self._redis = LazyClient(redis_url)
-        # What the data plane reads: the routing tables and the statistics recorder.
-        self.router = TableRouter(self._redis, namespace, defaults)
-        self.stats = StatsStore(self._redis, namespace)
+        super().__init__(redis_url, namespace, defaults)
         self._deploy = deploy
         self._retire = retire
         self._propagation_s = propagation_s
         self._id = uuid.uuid4().hex
-        self._tasks: list[asyncio.Task[None]] = []
         self._op_lock: asyncio.Lock | None = None  # made inside the running loop
 
-    # ---- lifecycle -------------------------------------------------------------------
     async def ensure_started(self) -> None:
-        """Start the background loops once, from the running event loop: the routing
-        tables', the statistics flush and the analysis."""
+        """The view's loops, and the analysis."""
         if self._op_lock is not None:
             return
         self._op_lock = asyncio.Lock()
-        await self.router.ensure_started()
-        for coro in (
-            every(1.0, self.stats.flush, "flushing rollout statistics"),
-            every(0.5, self._analyze, "rollout analysis"),
-        ):
-            self._tasks.append(asyncio.create_task(coro))
-
-    async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await self.router.close()
-        await self._redis.aclose()
+        await super().ensure_started()
+        self._tasks.append(asyncio.create_task(every(0.5, self._analyze, "rollout analysis")))
 
     # ---- state -----------------------------------------------------------------------
-    async def _state(self, model: str) -> RolloutState:
-        return _parse_state(model, await self._redis().get(keys.rollout(self._ns, model)))
-
     async def _save(
         self, table: RoutingTable, state: RolloutState, decision: Decision | None
     ) -> None:
@@ -150,12 +133,6 @@ class RolloutController:
                 1, tags={"model": table.model, "action": decision.action}
             )
             log.info("rollout %s: %s (%s)", table.model, decision.action, decision.reason)
-
-    def _table(self, model: str) -> RoutingTable:
-        table = self.router.tables.get(model)
-        if table is None:
-            raise NotFound(f"model {model!r} not found", field="model")
-        return table
 
     # ---- commands --------------------------------------------------------------------
     async def run(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -364,48 +341,6 @@ class RolloutController:
             ),
         )
 
-    async def status(self, model: str) -> dict[str, Any]:
-        """Routing, rollout state, window figures and history; Redis down or hung is a
-        503."""
-        async with state_store("rollout status", ADMIN_TIMEOUT_S):
-            return await self._status(model)
-
-    async def _status(self, model: str) -> dict[str, Any]:
-        await self.ensure_started()
-        table = self._table(model)
-        # Table and state from one read: a decision writes both in one transaction, so
-        # they agree (this replica's copy of the table may lag a decision by a moment).
-        doc, raw_state, analyzed = await self._redis().mget(
-            [
-                keys.routing(self._ns, model),
-                keys.rollout(self._ns, model),
-                keys.analyzed(self._ns, model),
-            ]
-        )
-        if doc:
-            table = RoutingTable.model_validate_json(doc)
-        state = _parse_state(model, raw_state)
-        history = [
-            Decision.model_validate_json(d).model_dump()
-            for d in await self._redis().lrange(keys.history(self._ns, model), 0, 49)
-        ]
-        now = time.time()
-        start = state.window_start if state.status == "running" else now - 60
-        figures = {
-            v: (await self.stats.window(model, v, start, now)).summary()
-            for v in sorted(table.versions())
-        }
-        return {
-            "model": model,
-            "routing": table.model_dump(),
-            "rollout": state.model_dump(),
-            "window": {"since": start, "figures": figures},
-            # When the analysis last looked at this rollout, and which ingress replica
-            # (the leader) did: a running rollout whose analysis stopped shows here.
-            "analysis": json.loads(analyzed) if analyzed else None,
-            "history": history,
-        }
-
     # ---- analysis ----------------------------------------------------------------------
     async def _leader(self) -> bool:
         lead = await self._redis().eval(
@@ -467,7 +402,3 @@ class RolloutController:
                         state,
                         self._decision("hold", "auto", reason, table.canary_weight, figures),
                     )
-
-
-def _parse_state(model: str, doc: str | bytes | None) -> RolloutState:
-    return RolloutState.model_validate_json(doc) if doc else RolloutState(model=model)

@@ -314,7 +314,7 @@ def test_losing_one_of_two_ingress_replicas(
         tmp_path, redis_server.url, "two-ingress", SERVING_CONFIG=str(config)
     )
     try:
-        gateways = [p for p in ray_processes(proc.pid) if "ServeReplica:gateway" in p[1]]
+        gateways = [p for p in ray_processes(proc.pid) if "ServeReplica:gateway:Gateway" in p[1]]
         assert len(gateways) == 2, gateways
         x = np.load(registry_root / "digits" / "heldout.npz")["X"][:1]
         body = json.dumps({"instances": x.tolist()}).encode()
@@ -335,7 +335,7 @@ def test_losing_one_of_two_ingress_replicas(
         # Serve replaces the dead replica.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            alive = [p for p in ray_processes(proc.pid) if "ServeReplica:gateway" in p[1]]
+            alive = [p for p in ray_processes(proc.pid) if "ServeReplica:gateway:Gateway" in p[1]]
             if len(alive) == 2 and gateways[0][0] not in [p[0] for p in alive]:
                 break
             time.sleep(1.0)

@@ -347,3 +347,49 @@ def test_routing_state_survives_an_ingress_restart(gateway: GatewayUnderTest) ->
     assert versions["v1"] > 0 and versions["v2"] > 0
     status = admin(gateway, {"action": "rollback"})
     assert status["routing"]["canary"] is None
+
+
+def test_a_killed_controller_resumes_the_rollout(gateway: GatewayUnderTest) -> None:
+    """The control plane is one replica of its own: killed mid-rollout, Serve starts
+    another, which takes the analysis over and walks the rollout on from where it was
+    (its state is in Redis); the ingress keeps serving meanwhile."""
+    import ray
+
+    assert admin(gateway)["rollout"]["status"] not in ("running", "paused")
+    stable = admin(gateway)["routing"]["stable"]
+    to = "v1" if stable != "v1" else "v2"
+    imgs = images(gateway.registry, 40)
+    with Traffic(gateway, imgs) as traffic:
+        wait_for(lambda: len(traffic.snapshot()) > 5, 60, "traffic")
+        started = admin(
+            gateway,
+            {
+                "action": "start",
+                "to": to,
+                "steps": [30, 60, 100],
+                "interval_s": 3,
+                "min_requests": 10,
+            },
+        )
+        first = wait_for(lambda: admin(gateway)["analysis"], 20, "the analysis to run")
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "RolloutControl" in a["name"]
+        ]
+        assert len(names) == 1
+        killed_at = time.time()
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        done = wait_status(gateway, "completed", 180)
+    assert done["routing"]["stable"] == to
+    history = list(reversed(done["history"]))
+    last_start = max(i for i, d in enumerate(history) if d["action"] == "start")
+    since_start = history[last_start:]
+    after_kill = [d["action"] for d in since_start if d["ts"] > killed_at]
+    assert "complete" in after_kill, since_start
+    # Each decision one revision on from the one before: nothing overwritten.
+    revisions = [d["revision"] for d in since_start]
+    assert revisions == list(range(revisions[0], revisions[0] + len(revisions)))
+    assert revisions[0] == started["routing"]["revision"]
+    assert done["analysis"]["leader"] != first["leader"]  # a new controller decided
+    assert {status for status, *_ in traffic.snapshot()} == {200}

@@ -42,22 +42,22 @@ async def test_redis_down_or_hung_is_a_503_not_a_500(own_redis: RedisServer) -> 
     import pytest
 
     from serving.errors import StateStoreUnavailable
-    from serving.rollouts import controller as controller_module
+    from serving.rollouts import view as view_module
 
     ctl = RolloutController(own_redis.url, "down-test", {"m": "v1"}, _nothing, _nothing)
     try:
         assert (await ctl.status("m"))["rollout"]["status"] == "idle"
         assert own_redis.proc is not None
         os.kill(own_redis.proc.pid, signal.SIGSTOP)  # hung: connections open, no answers
-        old = controller_module.ADMIN_TIMEOUT_S
-        controller_module.ADMIN_TIMEOUT_S = 0.5
+        old = view_module.ADMIN_TIMEOUT_S
+        view_module.ADMIN_TIMEOUT_S = 0.5
         try:
             t0 = time.monotonic()
             with pytest.raises(StateStoreUnavailable, match="rollout status: Redis"):
                 await ctl.status("m")
             assert time.monotonic() - t0 < 2.5
         finally:
-            controller_module.ADMIN_TIMEOUT_S = old
+            view_module.ADMIN_TIMEOUT_S = old
             os.kill(own_redis.proc.pid, signal.SIGCONT)
         own_redis.stop()  # down: connections refused
         with pytest.raises(StateStoreUnavailable, match="rollout command: Redis unavailable"):
