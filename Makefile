@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test install models redis prometheus lint fmt clean bench fuzz kuberay
+.PHONY: up test install models redis prometheus haproxy lint fmt clean bench fuzz kuberay
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "[make] creating $(VENV) and installing pinned dependencies (first run takes minutes)"
@@ -36,7 +36,14 @@ prometheus:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-test: models prometheus
+# The multi-node tests put Debian's haproxy in front of the cluster's front doors.
+haproxy:
+	@command -v haproxy >/dev/null || { \
+	  echo "[make] installing Debian's haproxy package"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }
+
+test: models prometheus haproxy
 	$(BIN)/python -m pytest -q -ra tests
 
 # The fuzz tests with many more examples, randomized (make test runs them derandomized).

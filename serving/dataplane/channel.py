@@ -128,6 +128,7 @@ class DirectChannel:
             "replicas": len(replicas),
             "connected": sum(1 for r in replicas.values() if r.conn and not r.conn.lost),
             "in_flight": sum(r.inflight for r in replicas.values()),
+            "hosts": sorted({r.host for r in replicas.values()}),
         }
 
     def update(self, model: str, version: str, endpoints: dict[str, tuple[str, int, str]]) -> None:
