@@ -7,12 +7,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-ORDER = ("gateway", "gateway-grpc", "gateway-replica", "gateway-replica-grpc", "naive", "uvicorn")
+ORDER = (
+    "gateway",
+    "gateway-grpc",
+    "gateway-replica",
+    "gateway-replica-grpc",
+    "gateway-ray-proxy",
+    "naive",
+    "uvicorn",
+)
 COLORS = {
     "gateway": "tab:blue",
     "gateway-grpc": "tab:purple",
     "gateway-replica": "tab:cyan",
     "gateway-replica-grpc": "tab:pink",
+    "gateway-ray-proxy": "tab:olive",
     "naive": "tab:red",
     "uvicorn": "tab:green",
 }
@@ -66,6 +75,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         lines += [f"**Run aborted**: {results['aborted']} (partial results below).", ""]
     lines += _ratios_section(results)
     lines += _placement_section(results)
+    lines += _front_door_section(results)
     for name, sc in results["scenarios"].items():
         lines += [f"## Scenario `{name}`", "", sc["description"], ""]
         if sc["skip"]:
@@ -126,6 +136,46 @@ def _ratios_section(results: dict[str, Any]) -> list[str]:
                 f"| {_ratio(r.get(prefix + 'serial_p50_vs_uvicorn'))} |"
             )
     return [*lines, ""]
+
+
+def _front_door_section(results: dict[str, Any]) -> list[str]:
+    """Ray's proxy (classic, or its HAProxy ingress) against direct HTTP, same gateway."""
+    rows = []
+    haproxy = (results["meta"].get("ray_env") or {}).get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+    proxy = "Ray's HAProxy ingress" if haproxy else "Ray's proxy (classic)"
+    for name, sc in results["scenarios"].items():
+        systems = sc.get("systems") or {}
+        d, p = systems.get("gateway"), systems.get("gateway-ray-proxy")
+        if sc["skip"] or not d or not p:
+            continue
+        r = sc.get("ratios") or {}
+        for label, m in (("direct HTTP (default)", d), (proxy, p)):
+            rows.append(
+                f"| {name} | {label} | {_ms(m['serial']['latency_ms']['p50'], 2)} "
+                f"| {m['rps_at_slo']:.0f} | {m['peak_rps']:.0f} "
+                f"| {_ms(m.get('server_cpu_ms_per_request'), 2)} |"
+            )
+        rows.append(
+            f"| {name} | {proxy} / direct "
+            f"| {_ratio(r.get('ray_proxy_vs_direct_serial_p50'))} "
+            f"| {_ratio(r.get('ray_proxy_vs_direct_throughput_at_slo'))} | "
+            f"| {_ratio(r.get('ray_proxy_vs_direct_cpu_per_request'))} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Front doors",
+        "",
+        "The same gateway (default versions fused) reached two ways on one Ray cluster: its "
+        "ingress replica serving HTTP itself (`SERVING_HTTP_MODE=direct`, the default) and "
+        f"through {proxy} (`SERVING_HTTP_MODE=proxy`).",
+        "",
+        "| scenario | front door | serial p50 (ms) | throughput at SLO (req/s) "
+        "| peak (req/s) | server CPU per request (ms) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _placement_section(results: dict[str, Any]) -> list[str]:

@@ -43,11 +43,20 @@ SYSTEMS: dict[str, str] = {
     "gateway-replica": "the same gateway over HTTP, the same model as a Serve deployment of "
     "its own (placement replica, one replica), reached over the direct channel",
     "gateway-replica-grpc": "the replica placement over gRPC",
+    "gateway-ray-proxy": "the same gateway (fused) over HTTP through Ray Serve's own proxy on "
+    "the same Ray cluster (the classic proxy actor; Ray's HAProxy ingress when the run sets "
+    "--ray-env RAY_SERVE_ENABLE_HA_PROXY=1): the front door `SERVING_HTTP_MODE=proxy` uses",
     "naive": "naive Ray Serve: FastAPI ingress → unbatched model deployment, defaults",
     "uvicorn": "one uvicorn process, FastAPI, runtime in-process",
     "ceiling": "runtime alone in a tight loop at its best batch size",
 }
-GATEWAYS = ("gateway", "gateway-grpc", "gateway-replica", "gateway-replica-grpc")
+GATEWAYS = (
+    "gateway",
+    "gateway-grpc",
+    "gateway-replica",
+    "gateway-replica-grpc",
+    "gateway-ray-proxy",
+)
 SERVED = (*GATEWAYS, "naive", "uvicorn")
 # A GPU scenario's replica: one GPU, large batches.
 GPU_VERSION = {
@@ -56,7 +65,11 @@ GPU_VERSION = {
     "batching": {"max_batch_size": 2048, "batch_wait_timeout_s": 0.002},
 }
 # The gateway's port each system reaches (one gateway serves every placement).
-PORT_OF = {"gateway-replica": "gateway", "gateway-replica-grpc": "gateway-grpc"}
+PORT_OF = {
+    "gateway-replica": "gateway",
+    "gateway-replica-grpc": "gateway-grpc",
+    "gateway-ray-proxy": "proxy",
+}
 # Logical CPUs of the local Ray: more than the 2 real cores so that every replica of both
 # Serve applications can be scheduled at once (they are mostly idle, one system at a time
 # is under load).
@@ -287,6 +300,7 @@ def ray_cluster(env: dict[str, str]) -> Iterator[int]:
     port = free_port()
     try:
         ray.init(
+            address="local",  # never a cluster a `ray start` left on this machine
             num_cpus=RAY_NUM_CPUS,
             include_dashboard=False,
             log_to_driver=False,
@@ -620,6 +634,14 @@ def ratios(scenario: dict[str, Any]) -> dict[str, float | None]:
             out[prefix + "replica_vs_fused_throughput_at_slo"] = div(
                 r["rps_at_slo"], f["rps_at_slo"]
             )
+    # Front doors: Ray's proxy against the ingress serving HTTP itself (direct).
+    d, p = systems.get("gateway"), systems.get("gateway-ray-proxy")
+    if d and p:
+        out["ray_proxy_vs_direct_serial_p50"] = div(p50(p), p50(d))
+        out["ray_proxy_vs_direct_throughput_at_slo"] = div(p["rps_at_slo"], d["rps_at_slo"])
+        out["ray_proxy_vs_direct_cpu_per_request"] = div(
+            p.get("server_cpu_ms_per_request"), d.get("server_cpu_ms_per_request")
+        )
     for http, grpc, prefix in (
         ("gateway", "gateway-grpc", ""),
         ("gateway-replica", "gateway-replica-grpc", "replica_"),

@@ -134,7 +134,8 @@ def up(
     )
     t0 = time.monotonic()
     ray.init(
-        address=settings.ray_address,
+        # "local": a new cluster of our own, never one a `ray start` left on this machine.
+        address=settings.ray_address or "local",
         num_cpus=None if joined else settings.ray_num_cpus,
         # One Prometheus endpoint per node for every replica on it (local cluster only;
         # a joined cluster keeps the port it was started with).

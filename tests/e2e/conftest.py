@@ -55,6 +55,7 @@ def ray_serve() -> Iterator[RayServe]:
     # Logical CPUs beyond the 2 real cores let every replica be scheduled at once;
     # metrics are reported every second so a Prometheus test need not wait long.
     ray.init(
+        address="local",  # never a cluster a `ray start` left on this machine
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,

@@ -11,6 +11,7 @@ The figures of the node-loss test are printed and written to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -170,6 +171,12 @@ def cluster(registry_root: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         hosts.close()
         redis.kill()
         redis.wait()
+        # `ray start --head` names itself the machine's current cluster; a later plain
+        # ray.init() would try to join that dead address.
+        current = Path("/tmp/ray/ray_current_cluster")
+        with contextlib.suppress(OSError):
+            if current.read_text().strip() == f"{hosts.node('head').ip}:6379":
+                current.unlink()
 
 
 def _predict(url: str, image: Any) -> httpx.Response:

@@ -17,7 +17,9 @@ import yaml
 from serving import kuberay
 
 REPO = Path(__file__).resolve().parents[3]
-SCHEMA = REPO.parent / "shared" / "schemas" / "rayservice.v1.schema.json"
+# KubeRay's CRD schema for RayService (openAPIV3Schema of rayservices.ray.io, its
+# title names the commit), kept with the tests so they run from any clone.
+SCHEMA = REPO / "tests" / "data" / "rayservice.v1.schema.json"
 TOKEN = "render-test-token-4f1d"
 
 
