@@ -29,8 +29,10 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     # `direct`: each ingress replica serves HTTP on http_port itself (no proxy hop) and
-    # Ray Serve's proxy listens on ray_proxy_port; `proxy`: Ray's proxy on http_port.
-    http_mode: Literal["direct", "proxy"] = "direct"
+    # Ray Serve's proxy listens on ray_proxy_port; `proxy`: Ray's proxy on http_port;
+    # `haproxy`: Ray's HAProxy ingress on http_port (RAY_SERVE_ENABLE_HA_PROXY=1, which
+    # `serving up` sets for the local cluster it starts; a joined cluster must run so).
+    http_mode: Literal["direct", "proxy", "haproxy"] = "direct"
     ray_proxy_port: int = 8001
     grpc_port: int = 9000  # gRPC (Open Inference Protocol), in every ingress replica
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -101,6 +101,8 @@ def up(
         # address as the node's only when told no other node will join, and reads
         # that when it is imported.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        if settings.http_mode == "haproxy":
+            use_haproxy()
     import ray
     from ray import serve
 
@@ -187,6 +189,20 @@ def up(
             serve.shutdown()
         ray.shutdown()
         console.print("stopped.")
+
+
+def use_haproxy() -> None:
+    """Ray Serve's HAProxy ingress for the local cluster (Ray reads these when imported,
+    and its processes inherit them): the machine's haproxy unless a binary is named."""
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    if not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        binary = shutil.which("haproxy")
+        if binary is None:
+            fail(
+                "SERVING_HTTP_MODE=haproxy needs an haproxy binary (Debian: apt-get install "
+                "haproxy), or RAY_SERVE_HAPROXY_BINARY_PATH naming one"
+            )
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = binary
 
 
 def front_doors(settings: Settings, joined: bool) -> list[str]:

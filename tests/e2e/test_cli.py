@@ -296,6 +296,44 @@ def test_serving_up_serves_then_stops_on_sigterm(
             proc.wait()
 
 
+def test_serving_up_with_rays_haproxy_ingress(
+    registry_root: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """SERVING_HTTP_MODE=haproxy: Ray Serve's HAProxy ingress is the front door on the
+    gateway's port (the machine's haproxy, started by Serve), and predictions answer
+    through it; a second `serving up` on the same ports refuses at once, naming why."""
+    proc, port, lines = start_serving_up(
+        tmp_path, redis_server.url, "haproxy-test", SERVING_HTTP_MODE="haproxy"
+    )
+    try:
+        assert any("haproxy" in cmd for _, cmd in ray_processes(proc.pid))
+        x = np.load(registry_root / "digits" / "heldout.npz")["X"][:1]
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/models/digits:predict",
+            json={"instances": x.tolist()},
+            timeout=30,
+        )
+        assert r.status_code == 200 and r.json()["version"] == "v1", r.text
+        # The gRPC port is this gateway's: another `serving up` on it fails in a second.
+        grpc_port = next(
+            int(line.rsplit(":", 1)[1]) for line in lines[-5:] if "gRPC 127.0.0.1:" in line
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        second = subprocess.run(
+            [*SERVING, "up"],
+            cwd=ROOT,
+            env={**env, "SERVING_GRPC_PORT": str(grpc_port), "SERVING_HTTP_PORT": str(free_port())},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"gRPC port {grpc_port} is already served by another gateway" in second.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_losing_one_of_two_ingress_replicas(
     registry_root: Path, redis_server: RedisServer, tmp_path: Path
 ) -> None:
