@@ -14,7 +14,7 @@ COPY serving ./serving
 COPY models ./models
 COPY deployments ./deployments
 RUN pip install -c constraints.txt --index-url https://download.pytorch.org/whl/cpu 'torch==2.13.0' \
-    && pip install -c constraints.txt '.[train]' \
+    && pip install -c constraints.txt '.[train,cpu]' \
     && python -m models.build \
     && chown -R serving:serving /app
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from serving.errors import ConfigError
 from serving.models.registry import Arrays, ModelVersion
 
 __all__ = ["Arrays", "Runtime", "RuntimeOptions", "load_runtime", "wants_gpu"]
@@ -37,8 +38,16 @@ def wants_gpu(mv: ModelVersion, opts: RuntimeOptions) -> bool:
 
 def load_runtime(mv: ModelVersion, opts: RuntimeOptions) -> Runtime:
     if mv.manifest.runtime == "onnx":
-        from serving.models.runtimes.onnx import OnnxRuntime
-
+        try:
+            from serving.models.runtimes.onnx import OnnxRuntime
+        except ImportError as exc:
+            # onnxruntime comes with an extra: `cpu` or `gpu` (never both: the CPU
+            # package would shadow the GPU one).
+            m = mv.manifest
+            raise ConfigError(
+                f"{m.name}/{m.version} needs ONNX Runtime, which is not installed ({exc}): "
+                "pip install 'serving[cpu]' (or 'serving[gpu]' on a GPU host)"
+            ) from None
         return OnnxRuntime(mv, opts)
     from serving.models.runtimes.torch import TorchScriptRuntime
 

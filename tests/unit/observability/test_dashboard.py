@@ -177,13 +177,17 @@ def test_datasource_uids_exist(dashboard: dict[str, Any]) -> None:
     assert prometheus["type"] == "prometheus"
     assert prometheus["url"] == "http://127.0.0.1:9090"
 
+    # Panels and queries name no datasource uid: they use the dashboard's `datasource`
+    # variable (any Prometheus), so the dashboard imports into any Grafana.
     used = set()
     for panel in query_panels(dashboard):
         used.add(panel["datasource"]["uid"])
         used.update(t["datasource"]["uid"] for t in panel["targets"] if "datasource" in t)
-    used.update(v["datasource"]["uid"] for v in dashboard["templating"]["list"])
-    assert used == {"prometheus"}
-    assert used <= uids
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    used.update(v["datasource"]["uid"] for v in variables.values() if "datasource" in v)
+    assert used == {"${datasource}"}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == prometheus["type"]
 
 
 def test_dashboard_provider_points_at_the_dashboards() -> None:
