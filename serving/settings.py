@@ -95,6 +95,17 @@ class Settings(BaseSettings):
     # Ray's per-node metrics endpoint (every replica on the node), for Prometheus.
     metrics_port: int = 8080
 
+    # Managed clouds' container contracts (serving.transport.platforms): `none`, or
+    # the platform whose routes, port and artifact location the gateway follows
+    # (`serving serve` is SageMaker's; Vertex AI and Azure ML are found by their
+    # environment). The platform's predict route serves platform_model (default: the
+    # deployment's first model).
+    platform: Literal["none", "sagemaker", "vertex", "azureml"] = "none"
+    platform_model: str | None = None
+    platform_health_route: str | None = None
+    platform_ready_route: str | None = None
+    platform_predict_route: str | None = None
+
     admin_token: str | None = None
     admin_token_file: Path = Path.home() / ".config" / "serving" / "admin-token"
 

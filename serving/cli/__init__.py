@@ -1,4 +1,4 @@
-"""`serving` command line: up, predict, models, rollout, features, config, redis."""
+"""`serving` command line: up, serve, predict, models, rollout, features, config, redis."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ app = typer.Typer(
     help="Low-latency model serving gateway.", no_args_is_help=True, pretty_exceptions_enable=False
 )
 app.command()(up.up)
+app.command()(up.serve)
 app.command()(predict.predict)
 app.add_typer(models.models_app, name="models")
 app.add_typer(up.config_app, name="config")

@@ -94,7 +94,19 @@ def up(
     HTTP ingress, wait until all are warm, then serve until Ctrl-C / SIGTERM."""
     if os.environ.get(SUPERVISED) != "1" and sys.platform == "linux":
         raise typer.Exit(supervise())
-    settings = cli_settings(config)
+    from serving.transport import platforms
+
+    try:
+        # A managed cloud's environment (Vertex AI, Azure ML; SageMaker: `serve`).
+        settings = platforms.from_environment(cli_settings(config), os.environ)
+    except ConfigError as exc:
+        fail(str(exc))
+    if settings.platform != "none":
+        console.print(
+            f"platform {settings.platform}: HTTP port {settings.http_port}, predict "
+            f"{settings.platform_predict_route}, health {settings.platform_health_route}, "
+            f"artifacts {settings.registry_dir}"
+        )
     if settings.ray_address is None:
         # A local cluster is this machine's alone: Ray's servers (GCS, raylet, workers,
         # agents, the metrics endpoint) listen on loopback. Ray takes the loopback
@@ -203,6 +215,17 @@ def use_haproxy() -> None:
                 "haproxy), or RAY_SERVE_HAPROXY_BINARY_PATH naming one"
             )
         os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = binary
+
+
+def serve(
+    config: ConfigOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 300.0,
+) -> None:
+    """`serving up` under SageMaker's container contract (SageMaker starts the image
+    with `serve`): HTTP on 8080 (or SAGEMAKER_BIND_TO_PORT), `GET /ping`,
+    `POST /invocations`, model artifacts in /opt/ml/model."""
+    os.environ["SERVING_PLATFORM"] = "sagemaker"
+    up(config, timeout)
 
 
 def front_doors(settings: Settings, joined: bool) -> list[str]:

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.dataplane import DataPlane
 from serving.errors import ServingError
 from serving.settings import Settings
-from serving.transport import rest_admin, rest_v1, rest_v2
+from serving.transport import platforms, rest_admin, rest_v1, rest_v2
 from serving.transport.http import FastRoutes
 
 
@@ -52,5 +52,8 @@ def build_http_app(
         )
     )
     app.include_router(rest_v2.build_router(plane, settings, fast))
+    platform = platforms.build_router(plane, settings)
+    if platform is not None:
+        app.include_router(platform)
     app.state.fast_path = fast
     return app

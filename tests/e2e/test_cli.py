@@ -198,7 +198,13 @@ def _read_answer(sock: socket.socket) -> tuple[str, bool]:
 
 
 def start_serving_up(
-    tmp_path: Path, redis_url: str, namespace: str, **settings: str
+    tmp_path: Path,
+    redis_url: str,
+    namespace: str,
+    *,
+    command: str = "up",
+    port_env: str = "SERVING_HTTP_PORT",
+    **settings: str,
 ) -> tuple[subprocess.Popen[str], int, list[str]]:
     """`serving up` as `make up` runs it (its own local Ray), on free ports; returns once
     it printed `ready` (the process, its HTTP port, what it printed so far). The caller
@@ -207,7 +213,7 @@ def start_serving_up(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         {
-            "SERVING_HTTP_PORT": str(port),
+            port_env: str(port),
             "SERVING_GRPC_PORT": str(free_port()),  # never share :9000 with a running gateway
             "SERVING_ADMIN_TOKEN_FILE": str(tmp_path / "token"),
             "SERVING_RAY_NUM_CPUS": "4",
@@ -220,7 +226,7 @@ def start_serving_up(
         }
     )
     proc = subprocess.Popen(
-        [*SERVING, "up"],
+        [*SERVING, command],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
