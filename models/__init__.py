@@ -1,1 +1,2 @@
-"""Demo models for the serving gateway: seeded training scripts and their builder."""
+"""The demo registry folder: `python -m models.build` trains the demo models into it
+(the training code is serving.demo)."""

@@ -1,91 +1,11 @@
-"""Build the demo models into a registry folder: `python -m models.build [--root PATH] [--force]`.
-
-A model is rebuilt only when one of its version folders lacks its manifest or artifact,
-or its held-out set is missing; `--force` rebuilds everything. Builds are seeded, so a
-rebuild reproduces the same metrics.
-"""
+"""`python -m models.build [--force]`: the demo models into this folder (`make models`).
+The builder itself is `serving.demo.build` (also `serving demo build DIR`, anywhere)."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from serving.models.registry import MANIFEST, load_version
-
-HELDOUT = "heldout.npz"
-
-
-@dataclass(frozen=True)
-class Demo:
-    name: str
-    versions: tuple[str, ...]
-    artifact: str
-    module: str  # training module exposing build(root) and the same NAME/VERSIONS/ARTIFACT
-    extra: tuple[str, ...] = ()  # other files the build writes under <root>/<name>/
-
-    def build(self, root: Path) -> None:
-        # Imported only when needed: the up-to-date check stays fast (no torch/sklearn).
-        mod = importlib.import_module(self.module)
-        if (self.name, self.versions, self.artifact) != (mod.NAME, mod.VERSIONS, mod.ARTIFACT):
-            raise RuntimeError(f"{self.module} does not match its entry in models.build")
-        mod.build(root)
-
-
-DEMOS = [
-    Demo(
-        "fraud",
-        ("v1", "v2"),
-        "model.onnx",
-        "models.train_fraud",
-        ("features/user_stats.csv", "features/merchant_stats.csv"),
-    ),
-    Demo("digits", ("v1",), "model.pt", "models.train_digits"),
-]
-
-
-def is_built(root: Path, demo: Demo) -> bool:
-    """Every version has its manifest and artifact, and the held-out set is there."""
-    folder = root / demo.name
-    return (
-        (folder / HELDOUT).is_file()
-        and all((folder / e).is_file() for e in demo.extra)
-        and all(
-            (folder / v / MANIFEST).is_file() and (folder / v / demo.artifact).is_file()
-            for v in demo.versions
-        )
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.build", description=__doc__)
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path(__file__).resolve().parent,
-        help="registry folder to write into (default: %(default)s)",
-    )
-    parser.add_argument("--force", action="store_true", help="rebuild even if present")
-    args = parser.parse_args(argv)
-    root: Path = args.root.resolve()
-
-    for demo in DEMOS:
-        versions = "/".join(demo.versions)
-        if not args.force and is_built(root, demo):
-            print(f"[models] {demo.name} {versions} present in {root}, skipping", flush=True)
-            continue
-        print(f"[models] training {demo.name} {versions} ...", flush=True)
-        start = time.perf_counter()
-        demo.build(root)
-        elapsed = time.perf_counter() - start
-        for v in demo.versions:
-            metrics = load_version(root / demo.name / v).manifest.metrics
-            shown = " ".join(f"{k}={val:.4f}" for k, val in metrics.items())
-            print(f"[models]   {demo.name} {v}: {shown}", flush=True)
-        print(f"[models] built {demo.name} in {elapsed:.1f}s", flush=True)
-
+from serving.demo.build import main
 
 if __name__ == "__main__":
-    main()
+    main(default_root=Path(__file__).resolve().parent)

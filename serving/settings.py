@@ -8,6 +8,7 @@ batching overrides) comes from one YAML file under `deployments/`, validated by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -280,3 +281,68 @@ def load_deployment(path: Path, registry_override: Path | None = None) -> Deploy
     if registry_override is not None:
         dep = dep.model_copy(update={"registry": registry_override})
     return dep
+
+
+# ---- managed clouds' environments (serving.transport.platforms serves their routes) ----
+SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+VERTEX_MAX_BODY_BYTES = 1_500_000  # Vertex AI's documented online prediction limit
+# Routes each platform answers: (health or liveness, readiness, predict).
+ROUTES = {
+    "sagemaker": ("/ping", "/ping", "/invocations"),
+    "vertex": ("/health", "/health", "/predict"),
+    "azureml": ("/", "/ready", "/score"),
+}
+
+
+def platform_settings(s: Settings, env: Mapping[str, str]) -> Settings:
+    """The settings a platform's environment implies, where the user set nothing else
+    (an explicit SERVING_* always wins). `platform` comes from SERVING_PLATFORM, from
+    `serving serve` (SageMaker), or from the variables Vertex and Azure ML set."""
+    platform = s.platform
+    if platform == "none":
+        if "AIP_HTTP_PORT" in env:
+            platform = "vertex"
+        elif "AZUREML_MODEL_DIR" in env:
+            platform = "azureml"
+        else:
+            return s
+    explicit = s.model_fields_set
+    update: dict[str, Any] = {"platform": platform}
+
+    def default(field: str, value: Any) -> None:
+        if field not in explicit and value is not None:
+            update[field] = value
+
+    health, ready, predict = ROUTES[platform]
+    if platform == "sagemaker":
+        default("http_port", int(env.get("SAGEMAKER_BIND_TO_PORT", "8080")))
+        default("registry_dir", SAGEMAKER_MODEL_DIR)
+    elif platform == "vertex":
+        default("http_port", int(env["AIP_HTTP_PORT"]) if "AIP_HTTP_PORT" in env else None)
+        health = env.get("AIP_HEALTH_ROUTE", health)
+        ready = health
+        predict = env.get("AIP_PREDICT_ROUTE", predict)
+        uri = env.get("AIP_STORAGE_URI")
+        if uri and "://" in uri:
+            raise ConfigError(
+                f"AIP_STORAGE_URI={uri}: only a local or mounted path is read (mount the "
+                "bucket, e.g. with Cloud Storage FUSE, or copy the artifacts into the image)"
+            )
+        default("registry_dir", Path(uri) if uri else None)
+        if s.max_body_bytes > VERTEX_MAX_BODY_BYTES and "max_body_bytes" not in explicit:
+            update["max_body_bytes"] = VERTEX_MAX_BODY_BYTES
+    else:
+        azure = env.get("AZUREML_MODEL_DIR")
+        default("registry_dir", Path(azure) if azure else None)
+    default("platform_health_route", health)
+    default("platform_ready_route", ready)
+    default("platform_predict_route", predict)
+    s = s.model_copy(update=update)
+    # The platform's port is the gateway's; Ray's metrics endpoint must not take it.
+    if s.metrics_port == s.http_port and "metrics_port" not in explicit:
+        s = s.model_copy(update={"metrics_port": s.http_port + 1})
+    # A deployment file shipped with the artifacts wins over the default one.
+    shipped = (s.registry_dir / "deployment.yaml") if s.registry_dir else None
+    if shipped is not None and shipped.is_file() and "config" not in explicit:
+        s = s.model_copy(update={"config": shipped})
+    return s

@@ -4,14 +4,34 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import metadata
+from typing import Annotated
 
 import typer
 
-from serving.cli import features, models, predict, rollout, up
+from serving.cli import demo, features, models, predict, rollout, up
 
 app = typer.Typer(
     help="Low-latency model serving gateway.", no_args_is_help=True, pretty_exceptions_enable=False
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"serving {metadata.version('serving')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Low-latency model serving gateway."""
+
+
 app.command()(up.up)
 app.command()(up.serve)
 app.command()(predict.predict)
@@ -20,6 +40,7 @@ app.add_typer(up.config_app, name="config")
 app.add_typer(up.redis_app, name="redis")
 app.add_typer(features.features_app, name="features")
 app.add_typer(rollout.rollout_app, name="rollout")
+app.add_typer(demo.demo_app, name="demo")
 
 
 def main() -> None:

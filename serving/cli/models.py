@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -13,12 +15,18 @@ models_app = typer.Typer(help="Inspect and tune served models.", no_args_is_help
 
 
 @models_app.command("list")
-def models_list(url: UrlOpt = None) -> None:
+def models_list(
+    url: UrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON answer.")] = False,
+) -> None:
     """Served models, their versions and states."""
     base = url or cli_settings().gateway_url()
     resp = request("GET", base + "/v1/models")
     if resp.status_code != 200:
         show_error(resp)
+    if as_json:
+        sys.stdout.write(json.dumps(resp.json(), indent=1) + "\n")
+        return
     table = Table(title="models")
     for col in ("model", "version", "default", "state", "runtime", "held-out metrics"):
         table.add_column(col)

@@ -23,7 +23,7 @@ from serving import keys
 from serving.cli.common import ConfigOpt, cli_settings, console, err, fail
 from serving.errors import ConfigError
 from serving.listeners import is_loopback
-from serving.settings import DeploymentFile, Settings, load_deployment
+from serving.settings import DeploymentFile, Settings, load_deployment, platform_settings
 
 config_app = typer.Typer(help="Deployment configuration.", no_args_is_help=True)
 redis_app = typer.Typer(help="Redis helpers.", no_args_is_help=True)
@@ -94,11 +94,9 @@ def up(
     HTTP ingress, wait until all are warm, then serve until Ctrl-C / SIGTERM."""
     if os.environ.get(SUPERVISED) != "1" and sys.platform == "linux":
         raise typer.Exit(supervise())
-    from serving.transport import platforms
-
     try:
         # A managed cloud's environment (Vertex AI, Azure ML; SageMaker: `serve`).
-        settings = platforms.from_environment(cli_settings(config), os.environ)
+        settings = platform_settings(cli_settings(config), os.environ)
     except ConfigError as exc:
         fail(str(exc))
     if settings.platform != "none":

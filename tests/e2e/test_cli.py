@@ -204,6 +204,8 @@ def start_serving_up(
     *,
     command: str = "up",
     port_env: str = "SERVING_HTTP_PORT",
+    serving: list[str] | None = None,
+    cwd: Path = ROOT,
     **settings: str,
 ) -> tuple[subprocess.Popen[str], int, list[str]]:
     """`serving up` as `make up` runs it (its own local Ray), on free ports; returns once
@@ -226,8 +228,8 @@ def start_serving_up(
         }
     )
     proc = subprocess.Popen(
-        [*SERVING, command],
-        cwd=ROOT,
+        [*(serving or SERVING), command],
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -164,3 +164,10 @@ def test_the_kustomization_is_complete() -> None:
             shipped = root / file
             source = REPO / "deployments" / "grafana" / file
             assert shipped.read_text() == source.read_text(), "refresh: make kuberay"
+
+
+def test_the_packaged_demo_deployment_is_the_projects() -> None:
+    """The wheel's demo deployment (serving/demo/deployment.yaml, which `serving demo
+    build` fills in) is deployments/local.yaml."""
+    packaged = REPO / "serving" / "demo" / "deployment.yaml"
+    assert packaged.read_text() == (REPO / "deployments" / "local.yaml").read_text()

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from serving.errors import ConfigError
-from serving.settings import Settings
-from serving.transport.platforms import VERTEX_MAX_BODY_BYTES, from_environment
+from serving.settings import VERTEX_MAX_BODY_BYTES, Settings
+from serving.settings import platform_settings as from_environment
 
 
 def test_no_platform_changes_nothing() -> None:

@@ -22,7 +22,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from models import fraud_data
+from serving.demo import fraud_data
 from serving.models.registry import Batching, Manifest, Resources, TensorSpec, write_manifest
 from serving.observability.drift import DriftReference, PredictionRef, RefHistogram
 

@@ -1,0 +1,1 @@
+"""The demo models: seeded training scripts, their builder and the demo deployment."""
