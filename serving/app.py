@@ -66,12 +66,8 @@ class Gateway:
         control: DeploymentHandle,
     ) -> None:
         keep_replica_grpc_on_loopback()
-        # What the config carries wins; the rest (all of it, for a portable config)
-        # comes from this process's environment.
-        self._settings = s = Settings(**settings)
-        self._dep = DeploymentFile.model_validate(deployment)
-        if s.registry_dir is not None:
-            self._dep = self._dep.model_copy(update={"registry": s.registry_dir})
+        s, self._dep = _configured(settings, deployment)
+        self._settings = s
         # This gateway's ports, or a clear start-up error if another gateway has them.
         ports = {s.grpc_port: ("gRPC", "SERVING_GRPC_PORT")}
         if s.http_mode == "direct":
@@ -174,6 +170,19 @@ class Gateway:
         return app
 
 
+def _configured(
+    settings: dict[str, Any], deployment: dict[str, Any]
+) -> tuple[Settings, DeploymentFile]:
+    """A replica's settings (what the config carries wins; the rest, all of it for a
+    portable config, from this process's environment) and deployment (whose registry
+    SERVING_REGISTRY_DIR overrides)."""
+    s = Settings(**settings)
+    dep = DeploymentFile.model_validate(deployment)
+    if s.registry_dir is not None:
+        dep = dep.model_copy(update={"registry": s.registry_dir})
+    return s, dep
+
+
 def _gateway_identity() -> str:
     """The same for every ingress replica of this gateway (its Ray cluster and Serve
     application), different for any other."""
@@ -220,10 +229,8 @@ class RolloutControl:
         self, settings: dict[str, Any], deployment: dict[str, Any]
     ) -> None:
         keep_replica_grpc_on_loopback()
-        self._settings = s = Settings(**settings)
-        self._dep = DeploymentFile.model_validate(deployment)
-        if s.registry_dir is not None:
-            self._dep = self._dep.model_copy(update={"registry": s.registry_dir})
+        s, self._dep = _configured(settings, deployment)
+        self._settings = s
         self._ctl = RolloutController(
             s.redis_url,
             s.redis_namespace,
