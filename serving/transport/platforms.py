@@ -33,7 +33,12 @@ from serving.errors import InvalidInput, MalformedRequest
 from serving.settings import Settings
 from serving.transport import http
 from serving.transport.http import json_response, parse_json, read_body
-from serving.transport.rest_v1 import encode_predictions, error_response, parse_predict_body
+from serving.transport.rest_v1 import (
+    encode_predictions,
+    error_response,
+    parse_predict_body,
+    readiness,
+)
 
 
 def build_router(plane: DataPlane, settings: Settings) -> APIRouter | None:
@@ -47,11 +52,7 @@ def build_router(plane: DataPlane, settings: Settings) -> APIRouter | None:
         return json_response({"status": "alive"})
 
     async def ready(request: Request) -> Response:
-        readiness = await plane.monitor.readiness()
-        waiting = [f"{m}/{v}" for (m, v), ok in readiness.items() if not ok]
-        if waiting:
-            return json_response({"status": "not_ready", "waiting_for": waiting}, 503)
-        return json_response({"status": "ready"})
+        return await readiness(plane)
 
     async def predict(request: Request) -> Response:
         try:

@@ -162,19 +162,7 @@ def build_router(
     @router.get("/readyz", tags=["health"])
     async def readyz() -> Response:
         """200 only when every configured version is loaded and warm; else 503."""
-        ready = await plane.monitor.readiness()
-        waiting = [f"{m}/{v}" for (m, v), ok in ready.items() if not ok]
-        if waiting:
-            message = "not warmed up yet: " + ", ".join(waiting)
-            return json_response(
-                {
-                    "status": "not_ready",
-                    "waiting_for": waiting,
-                    "error": {"code": "not_ready", "message": message},
-                },
-                503,
-            )
-        return json_response({"status": "ready", "versions": [f"{m}/{v}" for m, v in ready]})
+        return await readiness(plane)
 
     @router.post("/v1/feedback", tags=["feedback"])
     async def feedback(request: Request) -> Response:
@@ -186,6 +174,24 @@ def build_router(
         return json_response({"results": await labels.label(pairs)})
 
     return router
+
+
+async def readiness(plane: DataPlane) -> Response:
+    """The readiness answer (/readyz, and a platform's health route): 200 once every
+    configured version is loaded and warm, else 503 naming those still warming."""
+    ready = await plane.monitor.readiness()
+    waiting = [f"{m}/{v}" for (m, v), ok in ready.items() if not ok]
+    if waiting:
+        message = "not warmed up yet: " + ", ".join(waiting)
+        return json_response(
+            {
+                "status": "not_ready",
+                "waiting_for": waiting,
+                "error": {"code": "not_ready", "message": message},
+            },
+            503,
+        )
+    return json_response({"status": "ready", "versions": [f"{m}/{v}" for m, v in ready]})
 
 
 def _answer(pred: Prediction, request_id: str) -> dict[str, Any]:
