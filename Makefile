@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test install models redis prometheus haproxy lint fmt clean bench fuzz kuberay
+.PHONY: up test install models redis prometheus haproxy podman lint fmt clean bench fuzz kuberay
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "[make] creating $(VENV) and installing pinned dependencies (first run takes minutes)"
@@ -43,7 +43,15 @@ haproxy:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }
 
-test: models prometheus haproxy
+# The image tests build and run the CPU image with Debian's podman (runc, no daemon) on
+# a base made with debootstrap: no container registry is reachable from the build machine.
+podman:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || { \
+	  echo "[make] installing Debian's podman, runc and debootstrap packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends podman runc debootstrap fuse-overlayfs slirp4netns uidmap >/dev/null; }
+
+test: models prometheus haproxy podman
 	$(BIN)/python -m pytest -q -ra tests
 
 # The fuzz tests with many more examples, randomized (make test runs them derandomized).

@@ -124,7 +124,16 @@ class Settings(BaseSettings):
         return self.ray_proxy_port if self.http_mode == "direct" else self.http_port
 
     def gateway_url(self) -> str:
-        return f"http://{self.http_host}:{self.http_port}"
+        """Where a client on this host reaches the gateway: a wildcard bind address
+        (all interfaces) is reached on loopback."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+            self.http_host, self.http_host
+        )
+        return (
+            f"http://[{host}]:{self.http_port}"
+            if ":" in host
+            else f"http://{host}:{self.http_port}"
+        )
 
     def grpc_target(self) -> str:
         """host:port of the Open Inference Protocol gRPC service."""

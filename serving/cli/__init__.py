@@ -1,4 +1,4 @@
-"""`serving` command line: up, serve, predict, models, rollout, features, config, redis."""
+"""`serving` command line: up, serve, predict, health, models, rollout, features, config, redis."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from serving.cli import demo, features, models, predict, rollout, up
+from serving.cli import demo, features, health, models, predict, rollout, up
 
 app = typer.Typer(
     help="Low-latency model serving gateway.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -35,6 +35,7 @@ def _root(
 app.command()(up.up)
 app.command()(up.serve)
 app.command()(predict.predict)
+app.command()(health.health)
 app.add_typer(models.models_app, name="models")
 app.add_typer(up.config_app, name="config")
 app.add_typer(up.redis_app, name="redis")

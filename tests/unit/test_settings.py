@@ -20,3 +20,9 @@ def test_redis_namespace_reads_its_new_and_its_former_name(
     # Replicas rebuild the settings from their dump.
     assert Settings.model_validate(Settings().model_dump()).redis_namespace == "current"
     assert Settings(redis_namespace="kw").redis_namespace == "kw"
+
+
+def test_a_wildcard_bind_address_is_reached_on_loopback() -> None:
+    assert Settings(http_host="0.0.0.0", http_port=8001).gateway_url() == "http://127.0.0.1:8001"
+    assert Settings(http_host="::", http_port=8001).gateway_url() == "http://[::1]:8001"
+    assert Settings(http_host="10.1.2.3").gateway_url() == "http://10.1.2.3:8000"
