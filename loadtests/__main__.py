@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--scenarios",
         type=_names(dict(SCENARIOS), "scenario"),
-        default=list(SCENARIOS),
-        help=f"comma-separated, from {', '.join(SCENARIOS)} (default: all)",
+        default=[n for n, s in SCENARIOS.items() if s.default],
+        help=f"comma-separated, from {', '.join(SCENARIOS)} (default: all but "
+        f"{', '.join(n for n, s in SCENARIOS.items() if not s.default)})",
     )
     p.add_argument(
         "--systems",

@@ -1,5 +1,5 @@
-"""GPU check: both demo models on CUDA (onnxruntime's CUDA provider, torch on CUDA)
-against the CPU, batched throughput side by side in one run.
+"""GPU check: the demo models (fraud v2, digits v1 and v2) on CUDA (onnxruntime's CUDA
+provider, torch on CUDA) against the CPU, batched throughput side by side in one run.
 
     python -m loadtests.gpu_check [--seconds 2] [--out loadtests/results/gpu_check.json]
 
@@ -33,7 +33,7 @@ from serving.models.runtimes import RuntimeOptions, load_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 8, 32, 128, 512, 2048)
-MODELS = (("fraud", "v2"), ("digits", "v1"))
+MODELS = (("fraud", "v2"), ("digits", "v1"), ("digits", "v2"))
 
 
 def _throughput(rt: Any, name: str, x: np.ndarray, seconds: float) -> list[dict[str, float]]:

@@ -76,6 +76,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     lines += _ratios_section(results)
     lines += _placement_section(results)
     lines += _front_door_section(results)
+    lines += _formats_section(results)
     for name, sc in results["scenarios"].items():
         lines += [f"## Scenario `{name}`", "", sc["description"], ""]
         if sc["skip"]:
@@ -215,6 +216,52 @@ def _placement_section(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _formats_section(results: dict[str, Any]) -> list[str]:
+    """The same model in each format: through the gateway (HTTP, fused) and alone, each
+    against the format the others are compared with."""
+    scs = {
+        n: sc
+        for n, sc in results["scenarios"].items()
+        if sc.get("format") and not sc["skip"] and "gateway" in sc["systems"]
+    }
+    ref_name = next((sc["compare_with"] for sc in scs.values() if sc["compare_with"] in scs), None)
+    if ref_name is None:
+        return []
+    ceiling = results.get("ceiling") or {}
+
+    def batch_ms(name: str, size: int) -> float | None:
+        sizes = {s["batch_size"]: s["batch_p50_ms"] for s in ceiling.get(name, {}).get("sizes", [])}
+        return sizes.get(size)
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    ref = scs[ref_name]["systems"]["gateway"]
+    lines = [
+        "## Model formats",
+        "",
+        f"The same model in each format, through the gateway (HTTP, fused into the ingress) "
+        f"and the runtime alone (per-batch p50); ratios against {scs[ref_name]['format']}.",
+        "",
+        "| format | serial p50 / p99 (ms) | throughput at SLO (req/s) | peak (req/s) "
+        "| alone, batch 1 / 32 (ms) | serial p50 | throughput at SLO | alone, batch 1 / 32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in [ref_name, *(n for n in scs if n != ref_name)]:
+        m = scs[name]["systems"]["gateway"]
+        lat = m["serial"]["latency_ms"]
+        one, many = batch_ms(name, 1), batch_ms(name, 32)
+        lines.append(
+            f"| {scs[name]['format']} (`{name}`) | {_ms(lat['p50'], 2)} / {_ms(lat['p99'], 2)} "
+            f"| {m['rps_at_slo']:.0f} | {m['peak_rps']:.0f} | {_ms(one, 3)} / {_ms(many, 3)} "
+            f"| {_ratio(div(lat['p50'], ref['serial']['latency_ms']['p50']))} "
+            f"| {_ratio(div(m['rps_at_slo'], ref['rps_at_slo']))} "
+            f"| {_ratio(div(one, batch_ms(ref_name, 1)))} / "
+            f"{_ratio(div(many, batch_ms(ref_name, 32)))} |"
+        )
+    return [*lines, ""]
+
+
 def _scenario_tables(sc: dict[str, Any], ceiling: dict[str, Any] | None, slo: float) -> list[str]:
     systems = sc["systems"]
     lines = [
@@ -307,10 +354,10 @@ def _versus_section(sc: dict[str, Any]) -> list[str]:
         return []
     status = sc.get("rollout_status") or {}
     figures = (sc.get("rollout_status_after") or {}).get("window", {}).get("figures", {})
-    lines = [
-        f"Routing during the run: `{json.dumps(status.get('routing', status))[:300]}`",
-        "",
-    ]
+    lines = []
+    if status:
+        routing = json.dumps(status.get("routing", status))[:300]
+        lines += [f"Routing during the run: `{routing}`", ""]
     if figures:
         lines += [
             "Requests per version seen by the gateway's rollout statistics: "

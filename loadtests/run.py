@@ -277,15 +277,15 @@ def redis_server() -> Iterator[str]:
         _stop(proc)
 
 
-def load_features(url: str, namespace: str, scenario: Scenario) -> int:
+def load_features(url: str, namespace: str, scenario: Scenario, registry: Path) -> int:
     from serving.features import materialize
     from serving.models.registry import Registry
 
-    features = Registry(REGISTRY).get(scenario.model, scenario.version).manifest.features
+    features = Registry(registry).get(scenario.model, scenario.version).manifest.features
     rows = 0
     for view in features.views if features else []:
-        path = REGISTRY / scenario.model / "features" / f"{view.name}.csv"
-        spec = materialize.find_view(REGISTRY, view.name)
+        path = registry / scenario.model / "features" / f"{view.name}.csv"
+        spec = materialize.find_view(registry, view.name)
         rows += materialize.load(url, namespace, spec, path, view.entity).rows
     return rows
 
@@ -325,6 +325,11 @@ def gateway_deployment(scenarios: list[Scenario], registry: Path) -> Any:
     models = {}
     for name, cfg in dep.models.items():
         versions = {v: c for v, c in cfg.versions.items() if (name, v) in wanted}
+        # A version compiled in the run is served as the one it was compiled from.
+        for s in scenarios:
+            for new, old in s.compile_aoti.items():
+                if s.model == name and old in cfg.versions:
+                    versions[new] = cfg.versions[old]
         if not versions:
             continue
         # The replica placement of the same model: its copy as a deployment of its own,
@@ -347,9 +352,11 @@ def gateway_deployment(scenarios: list[Scenario], registry: Path) -> Any:
 @contextlib.contextmanager
 def gateway_registry(scenarios: list[Scenario]) -> Iterator[Path]:
     """The demo registry itself, or, when a scenario needs versions it lacks, a temporary
-    copy holding them too (byte-identical copies of existing versions, renamed)."""
+    copy holding them too (byte-identical copies of existing versions, renamed, and
+    AOTInductor packages compiled here)."""
     extra = {(s.model, new, old) for s in scenarios for new, old in s.extra_versions.items()}
-    if not extra:
+    aoti = {(s.model, new, old) for s in scenarios for new, old in s.compile_aoti.items()}
+    if not extra and not aoti:
         yield REGISTRY
         return
     import yaml
@@ -364,7 +371,40 @@ def gateway_registry(scenarios: list[Scenario]) -> Iterator[Path]:
             data = yaml.safe_load(manifest.read_text())
             data["version"] = new
             manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+        for model, new, old in aoti:
+            compile_aoti(root / model / old, root / model / new)
         yield root
+
+
+def compile_aoti(program: Path, out: Path) -> None:
+    """An AOTInductor package (runtime torch_aoti) from a torch_export version, compiled
+    for this machine, as version `out.name`: the same manifest otherwise."""
+    import torch
+    import yaml
+
+    manifest = yaml.safe_load((program / "model.yaml").read_text())
+    out.mkdir()
+    torch._inductor.aoti_compile_and_package(
+        torch.export.load(str(program / manifest["artifact"])),
+        package_path=str(out / "model.pt2"),
+    )
+    manifest.update(version=out.name, runtime="torch_aoti", artifact="model.pt2")
+    manifest["description"] = f"{manifest.get('description', '')} Compiled with AOTInductor."
+    (out / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler AOTInductor would use (CXX, else g++), if there is one."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _as_runnable_here(s: Scenario, cuda: bool) -> Scenario:
+    """The scenario, marked skipped with the reason where this machine cannot run it."""
+    if s.gpu and not cuda:
+        return replace(s, skip="no CUDA device on this machine (runs where one is)")
+    if s.compile_aoti and cxx_compiler() is None:
+        return replace(s, skip="no C++ compiler (CXX or g++) to build AOTInductor packages")
+    return s
 
 
 @dataclass
@@ -373,6 +413,7 @@ class Env:
 
     ports: dict[str, int] = field(default_factory=dict)
     admin_token: str = ""
+    registry: Path = REGISTRY  # the demo registry, or the run's copy with extra versions
 
 
 def rollout(env: Env, s: Scenario, commands: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
@@ -707,12 +748,7 @@ def run(opts: Options) -> dict[str, Any]:
     plan = Plan(**{**asdict(QUICK if opts.quick else FULL), "slo_ms": opts.slo_ms})
     progress = Progress()
     cuda = _cuda_device()
-    scenarios = [
-        SCENARIOS[n]
-        if not SCENARIOS[n].gpu or cuda
-        else replace(SCENARIOS[n], skip="no CUDA device on this machine (runs where one is)")
-        for n in opts.scenarios
-    ]
+    scenarios = [_as_runnable_here(SCENARIOS[n], cuda) for n in opts.scenarios]
     runnable = [s for s in scenarios if s.skip is None]
     results: dict[str, Any] = {
         "meta": {
@@ -726,7 +762,17 @@ def run(opts: Options) -> dict[str, Any]:
         "generator": None,
         "ceiling": {},
         "scenarios": {
-            s.name: {"description": s.description, "skip": s.skip, "systems": {}} for s in scenarios
+            s.name: {
+                "description": s.description,
+                "skip": s.skip,
+                "systems": {},
+                **(
+                    {"format": s.model_format, "compare_with": s.compare_with}
+                    if s.model_format
+                    else {}
+                ),
+            }
+            for s in scenarios
         },
     }
     for s in scenarios:
@@ -750,7 +796,12 @@ def run(opts: Options) -> dict[str, Any]:
                 # One per model version and device (scenarios may share one).
                 for s in {(s.model, s.version, s.gpu): s for s in runnable}.values():
                     results["ceiling"][s.name] = c = w.call(
-                        {"op": "ceiling", "scenario": s.name, "seconds_per_size": plan.ceiling_s}
+                        {
+                            "op": "ceiling",
+                            "scenario": s.name,
+                            "seconds_per_size": plan.ceiling_s,
+                            "registry": str(env.registry),
+                        }
                     )
                     b = c["best"]
                     progress(
@@ -832,20 +883,28 @@ def _start(
     scenarios: list[Scenario],
     meta: dict[str, Any],
 ) -> Env:
-    """Redis, then the uvicorn baseline and the Ray cluster starting side by side; returns
-    once all answer. What was deployed goes into `meta`."""
+    """The run's registry (a copy when versions are added or compiled), Redis, then the
+    uvicorn baseline and the Ray cluster starting side by side; returns once all answer.
+    What was deployed goes into `meta`."""
     from serving.settings import Settings
 
     systems = [x for x in opts.systems if x in SERVED]
     env = Env()
-    if not systems or not scenarios:
+    if not scenarios:
+        return env
+    if any(s.compile_aoti for s in scenarios):
+        progress("compiling AOTInductor packages (tens of seconds)")
+    env.registry = registry = stack.enter_context(gateway_registry(scenarios))
+    if not systems:
         return env
     redis_url = stack.enter_context(redis_server())
     namespace = Settings(redis_url=redis_url).redis_namespace
     unique = {(s.model, s.version): s for s in scenarios}.values()
-    rows = sum(load_features(redis_url, namespace, s) for s in unique)
+    rows = sum(load_features(redis_url, namespace, s, registry) for s in unique)
     progress(f"redis on {redis_url}: loaded {rows} feature rows")
-    versions = {s.model: s.version for s in scenarios}
+    # The versions the baselines serve: those of the scenarios they take part in.
+    baselines = {"naive", "uvicorn"}
+    versions = {s.model: s.version for s in scenarios if baselines & s.paths.keys()}
     fraud_v, digits_v = versions.get("fraud", "v2"), versions.get("digits", "v1")
     uvicorn: Child | None = None
     if "uvicorn" in systems:
@@ -857,7 +916,6 @@ def _start(
         ]  # fmt: skip
         uvicorn = stack.enter_context(child(args, "uvicorn baseline"))
     if any(x in systems for x in ("naive", *GATEWAYS)):
-        registry = stack.enter_context(gateway_registry(scenarios))
         port = stack.enter_context(ray_cluster(opts.ray_env))
         # Ray Serve's proxy (naive) on `port`; our gateway serves HTTP itself (direct).
         env.ports.update(

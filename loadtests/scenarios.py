@@ -48,6 +48,13 @@ class Scenario:
     gpu: bool = False
     # Instances in each request (throughput in rows/s = requests/s times this).
     rows_per_request: int = 1
+    # The model format, for the report's side-by-side table of formats.
+    model_format: str | None = None
+    # AOTInductor packages compiled at the start of the run from exported programs
+    # (name → the torch_export version compiled), into the temporary registry copy.
+    compile_aoti: dict[str, str] = field(default_factory=dict)
+    # Part of a run that names no scenarios (`make bench`).
+    default: bool = True
 
     def bodies(self, registry: Path = REGISTRY) -> list[bytes]:
         return BODIES[self.bodies_from or self.name](registry)
@@ -95,6 +102,26 @@ BODIES = {
     "digits-batch": _digits_batch_bodies,
 }
 
+
+def _digits_as(
+    name: str, model_format: str, version: str, description: str, compiled_from: str = ""
+) -> Scenario:
+    """digits in another format, fused like v1 and sent the same bodies: against `digits`,
+    what the format changes (through the gateway and in the runtime alone)."""
+    return Scenario(
+        name=name,
+        model="digits",
+        version=version,
+        description=f"digits {version}: {description}",
+        paths={"gateway": f"/v1/models/digits/versions/{version}:predict"},
+        bodies_from="digits",
+        compare_with="digits",
+        model_format=model_format,
+        compile_aoti={version: compiled_from} if compiled_from else {},
+        default=False,
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     "fraud": Scenario(
         name="fraud",
@@ -130,6 +157,21 @@ SCENARIOS: dict[str, Scenario] = {
         },
         extra_versions={"v1r": "v1"},
         replica_version="v1r",
+        model_format="TorchScript",
+    ),
+    # The same model in the torch.export formats (`--scenarios digits,digits-export,...`).
+    "digits-export": _digits_as(
+        "digits-export",
+        "torch.export",
+        "v2",
+        "v1's model as a torch.export program (runtime torch_export)",
+    ),
+    "digits-aoti": _digits_as(
+        "digits-aoti",
+        "AOTInductor",
+        "v2aoti",
+        "v2 compiled here with AOTInductor (runtime torch_aoti)",
+        compiled_from="v2",
     ),
     # Stable v2 with a 10% canary and a 10% shadow, held there for the whole run: the
     # analysis never decides (a window needs 10^9 requests), so the weights stay put.

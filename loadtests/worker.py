@@ -6,7 +6,7 @@ nothing else competes for its interpreter, and so its CPU time is its own. Comma
    "port", "path" (gRPC: the model name), "scenario", then "n", "warmup" (serial) |
    "rate", "duration_s", "warmup_s" (open) | "concurrency", "duration_s", "warmup_s"
    (closed); optional "timing": keep Server-Timing}
-  {"op": "ceiling", "scenario", "seconds_per_size"}
+  {"op": "ceiling", "scenario", "seconds_per_size", optional "registry"}
   {"op": "quit"}
 """
 
@@ -16,10 +16,11 @@ import asyncio
 import json
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from loadtests import loadgen
-from loadtests.scenarios import SCENARIOS
+from loadtests.scenarios import REGISTRY, SCENARIOS
 
 _bodies: dict[str, list[bytes]] = {}
 
@@ -86,7 +87,8 @@ def handle(cmd: dict[str, Any]) -> dict[str, Any]:
     if cmd["op"] == "ceiling":
         from loadtests import ceiling
 
-        return ceiling.measure(SCENARIOS[cmd["scenario"]], cmd["seconds_per_size"])
+        registry = Path(cmd.get("registry", REGISTRY))
+        return ceiling.measure(SCENARIOS[cmd["scenario"]], cmd["seconds_per_size"], registry)
     raise ValueError(f"unknown op {cmd['op']!r}")
 
 

@@ -32,6 +32,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Touch:
+    """Unpickling it creates `path`: a file that exists proves something was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (open, (str(self.path), "w"))
+
+
 class RedisServer:
     """A redis-server child process that tests may stop and start again (same port)."""
 

@@ -27,15 +27,18 @@ DEPLOYMENT_TEMPLATE = Path(__file__).with_name("deployment.yaml")
 @dataclass(frozen=True)
 class Demo:
     name: str
-    versions: tuple[str, ...]
-    artifact: str
-    module: str  # training module exposing build(root) and the same NAME/VERSIONS/ARTIFACT
+    artifacts: dict[str, str]  # version -> its artifact file
+    module: str  # training module exposing build(root) and the same NAME and ARTIFACTS
     extra: tuple[str, ...] = ()  # other files the build writes under <root>/<name>/
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        return tuple(self.artifacts)
 
     def build(self, root: Path) -> None:
         # Imported only when needed: the up-to-date check stays fast (no torch/sklearn).
         mod = importlib.import_module(self.module)
-        if (self.name, self.versions, self.artifact) != (mod.NAME, mod.VERSIONS, mod.ARTIFACT):
+        if (self.name, self.artifacts) != (mod.NAME, mod.ARTIFACTS):
             raise RuntimeError(f"{self.module} does not match its entry in serving.demo.build")
         mod.build(root)
 
@@ -43,12 +46,11 @@ class Demo:
 DEMOS = [
     Demo(
         "fraud",
-        ("v1", "v2"),
-        "model.onnx",
+        {"v1": "model.onnx", "v2": "model.onnx"},
         "serving.demo.train_fraud",
         ("features/user_stats.csv", "features/merchant_stats.csv"),
     ),
-    Demo("digits", ("v1",), "model.pt", "serving.demo.train_digits"),
+    Demo("digits", {"v1": "model.pt", "v2": "model.pt2"}, "serving.demo.train_digits"),
 ]
 
 
@@ -59,8 +61,8 @@ def is_built(root: Path, demo: Demo) -> bool:
         (folder / HELDOUT).is_file()
         and all((folder / e).is_file() for e in demo.extra)
         and all(
-            (folder / v / MANIFEST).is_file() and (folder / v / demo.artifact).is_file()
-            for v in demo.versions
+            (folder / v / MANIFEST).is_file() and (folder / v / artifact).is_file()
+            for v, artifact in demo.artifacts.items()
         )
     )
 

@@ -29,6 +29,7 @@ from serving.observability.drift import DriftReference, PredictionRef, RefHistog
 NAME = "fraud"
 VERSIONS = ("v1", "v2")
 ARTIFACT = "model.onnx"
+ARTIFACTS = dict.fromkeys(VERSIONS, ARTIFACT)  # version -> artifact (serving.demo.build)
 HELDOUT = "heldout.npz"
 FEATURES_DIR = "features"  # user_stats.csv, merchant_stats.csv for `serving features load`
 N_TRANSACTIONS = 60_000

@@ -101,7 +101,7 @@ class Manifest(BaseModel):
 
     name: str
     version: str
-    runtime: Literal["onnx", "torchscript"]
+    runtime: Literal["onnx", "torchscript", "torch_export", "torch_aoti"]
     artifact: str
     description: str = ""
     inputs: list[TensorSpec] = Field(min_length=1)

@@ -64,8 +64,14 @@ CONTENTS_FIELD = {
     "BYTES": "bytes_contents",
 }
 
-# Triton's platform names, which OIP tools know.
-PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+# Triton's platform names, which OIP tools know; Triton has none for the torch.export
+# formats, so theirs follow its pattern.
+PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "torchscript": "pytorch_libtorch",
+    "torch_export": "pytorch_torch_export",
+    "torch_aoti": "pytorch_aotinductor",
+}
 
 _LEN = struct.Struct("<I")
 

@@ -216,12 +216,14 @@ def gateway(
                     },
                     # Long warm-up: /readyz must say 503 while it runs. v1 is a replica,
                     # v1fused the same model inside the ingress (no feature lookup that
-                    # yields: a burst must batch all the same).
+                    # yields: a burst must batch all the same), v2 the same model saved
+                    # with torch.export, also inside the ingress.
                     "digits": {
                         "default": "v1",
                         "versions": {
                             "v1": {"warmup": {"iterations": 3, "min_seconds": 6}},
                             "v1fused": {"placement": "fused"},
+                            "v2": {"placement": "fused"},
                         },
                     },
                     # Two replicas: one is killed under load, and no request may fail.

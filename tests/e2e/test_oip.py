@@ -183,6 +183,18 @@ def test_digits_fp32_images_equal_v1(gateway: GatewayUnderTest) -> None:
     assert (res.as_numpy("label") == y[:100]).mean() > 0.9
 
 
+def test_the_torch_export_version_answers_as_torchscript(gateway: GatewayUnderTest) -> None:
+    """digits v2 is v1's model saved with torch.export: through the gateway (the v1 API
+    and OIP over gRPC) it answers as v1 does, and its metadata names its format."""
+    x = heldout(gateway.registry, "digits")[0][:64]
+    want = v1_answer(gateway, "digits", "v1", x.tolist())
+    assert_same(v1_answer(gateway, "digits", "v2", x.tolist()), want)
+    rpc = grpc_client(gateway)
+    res = rpc.infer("digits", triton_inputs(tgrpc, {"image": x}), model_version="v2")
+    assert_same({o: res.as_numpy(o) for o in ("label", "probabilities")}, want)
+    assert rpc.get_model_metadata("digits", "v2").platform == "pytorch_torch_export"
+
+
 def test_raw_tensors_round_trip_exactly_and_agree_with_json(gateway: GatewayUnderTest) -> None:
     x = heldout(gateway.registry, "digits")[0][:16]
     res = grpc_client(gateway).infer(

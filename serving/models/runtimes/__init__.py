@@ -49,6 +49,14 @@ def load_runtime(mv: ModelVersion, opts: RuntimeOptions) -> Runtime:
                 "pip install 'serving[cpu]' (or 'serving[gpu]' on a GPU host)"
             ) from None
         return OnnxRuntime(mv, opts)
+    if mv.manifest.runtime == "torch_export":
+        from serving.models.runtimes.torch_export import TorchExportRuntime
+
+        return TorchExportRuntime(mv, opts)
+    if mv.manifest.runtime == "torch_aoti":
+        from serving.models.runtimes.torch_export import AotiRuntime
+
+        return AotiRuntime(mv, opts)
     from serving.models.runtimes.torch import TorchScriptRuntime
 
     return TorchScriptRuntime(mv, opts)

@@ -1,13 +1,17 @@
-"""TorchScript runtime: `inference_mode`, CUDA when requested and available.
+"""PyTorch runtimes' shared part (`inference_mode`, CUDA when requested and available),
+and the TorchScript runtime.
 
-Artifacts are TorchScript archives (`torch.jit.load`), which hold no pickled Python
-objects to execute. The module takes the manifest's inputs positionally and returns a
-tensor, a tuple of tensors in the manifest's output order, or a dict keyed by name.
+A module takes the manifest's inputs positionally and returns a tensor, a tuple of
+tensors in the manifest's output order, or a dict keyed by name. TorchScript artifacts
+are archives (`torch.jit.load`) that hold no pickled Python objects to execute.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +23,10 @@ from serving.models.runtimes import Arrays, RuntimeOptions, wants_gpu
 log = logging.getLogger(__name__)
 
 
-class TorchScriptRuntime:
+class TorchRuntime:
+    """What every PyTorch format shares: the device, inputs as tensors in manifest order,
+    outputs back under the manifest's names and dtypes. A format implements `_load`."""
+
     def __init__(self, mv: ModelVersion, opts: RuntimeOptions) -> None:
         torch.set_num_threads(opts.torch_threads)
         device = "cpu"
@@ -31,10 +38,13 @@ class TorchScriptRuntime:
             else:
                 log.warning("%s: GPU requested but not available; using CPU", mv.path)
         self.device = device
-        self._module = torch.jit.load(str(mv.artifact_path), map_location=device)
-        self._module.eval()
         self._in = [(s.name, np.dtype(s.dtype)) for s in mv.manifest.inputs]
         self._out = [(s.name, np.dtype(s.dtype)) for s in mv.manifest.outputs]
+        self._module = self._load(mv, opts)
+
+    def _load(self, mv: ModelVersion, opts: RuntimeOptions) -> Callable[..., Any]:
+        """The callable model, on `self.device` (which a format may still change)."""
+        raise NotImplementedError
 
     def predict(self, inputs: Arrays) -> Arrays:
         on_gpu = self.device != "cpu"  # on the CPU, no device copies to make
@@ -58,3 +68,21 @@ class TorchScriptRuntime:
         if on_gpu:
             tensors = [t.cpu() for t in tensors]
         return {n: t.numpy().astype(dt, copy=False) for (n, dt), t in zip(self._out, tensors)}
+
+
+def artifact_error(path: Path, what: str, exc: BaseException | str) -> ConfigError:
+    """The error for an artifact its runtime cannot load: the file, the format it should
+    be, and why (the first line of the library's own message)."""
+    detail = str(exc).strip().splitlines()
+    reason = detail[0] if detail else type(exc).__name__
+    return ConfigError(f"{path}: not a loadable {what}: {reason}")
+
+
+class TorchScriptRuntime(TorchRuntime):
+    def _load(self, mv: ModelVersion, opts: RuntimeOptions) -> Callable[..., Any]:
+        try:
+            module = torch.jit.load(str(mv.artifact_path), map_location=self.device)
+        except RuntimeError as exc:
+            raise artifact_error(mv.artifact_path, "TorchScript archive", exc) from None
+        module.eval()
+        return module  # type: ignore[no-any-return]

@@ -256,6 +256,19 @@ def test_metadata_puts_minus_one_for_the_batch_and_variable_axes() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("runtime", "platform"),
+    [
+        ("torchscript", "pytorch_libtorch"),
+        ("torch_export", "pytorch_torch_export"),
+        ("torch_aoti", "pytorch_aotinductor"),
+    ],
+)
+def test_metadata_names_each_runtime_s_platform(runtime: str, platform: str) -> None:
+    meta = oip.model_metadata("m", ["v1"], _manifest(runtime=runtime, artifact="model.pt2"))
+    assert meta["platform"] == platform
+
+
 def test_metadata_of_a_feature_backed_model_lists_instance_fields() -> None:
     m = _manifest(
         inputs=[
