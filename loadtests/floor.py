@@ -1,6 +1,11 @@
 """The measurement floor: the cheapest HTTP server we can write (raw asyncio protocol,
 fixed answer). What the generator measures against it is the generator's own cost plus
-the loopback; run as `python -m loadtests.floor --port N`."""
+the loopback; run as `python -m loadtests.floor --port N`.
+
+With `--grpc`, the same for gRPC: grpcio's server (its C core) answering ModelInfer with
+one fixed, pre-serialized answer (and ModelMetadata with digits', which the generator's
+gRPC client asks for first): what the gRPC client and HTTP/2 cost on this machine
+before any server does any work."""
 
 from __future__ import annotations
 
@@ -50,10 +55,59 @@ async def serve(port: int) -> None:
         await server.serve_forever()
 
 
+async def serve_grpc(port: int) -> None:
+    import grpc
+
+    from serving.proto import grpc_predict_v2_pb2 as pb
+
+    meta = pb.ModelMetadataResponse(name="digits", versions=["v1"], platform="floor")
+    meta.inputs.add(name="image", datatype="FP32", shape=[-1, 8, 8])
+    answer = pb.ModelInferResponse(model_name="digits", model_version="v1")
+    answer.outputs.add(name="label", datatype="INT64", shape=[1]).contents.int64_contents.append(0)
+    fixed = answer.SerializeToString()
+
+    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return fixed
+
+    async def metadata(request: object, context: grpc.aio.ServicerContext) -> object:
+        return meta
+
+    def same(b: bytes) -> bytes:
+        return b
+
+    server = grpc.aio.server()
+    service = "inference.GRPCInferenceService"
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                service,
+                {
+                    "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                        infer, request_deserializer=same, response_serializer=same
+                    ),
+                    "ModelMetadata": grpc.unary_unary_rpc_method_handler(
+                        metadata,
+                        request_deserializer=pb.ModelMetadataRequest.FromString,
+                        response_serializer=pb.ModelMetadataResponse.SerializeToString,
+                    ),
+                },
+            ),
+        )
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, required=True)
-    port = p.parse_args().port
+    p.add_argument("--grpc", action="store_true", help="a gRPC floor server instead")
+    args = p.parse_args()
+    port = args.port
+    if args.grpc:
+        asyncio.run(serve_grpc(port))
+        return
     try:
         import uvloop
 

@@ -194,7 +194,9 @@ def _placement_section(results: dict[str, Any]) -> list[str]:
             f"| {_ratio(r.get('throughput_at_slo_vs_uvicorn'))} "
             f"| {_ratio(r.get('cpu_per_request_vs_uvicorn'))} "
             f"| {_ratio(r.get('grpc_vs_http_serial_p50'))} "
-            f"| {_ratio(r.get('replica_grpc_vs_http_serial_p50'))} |"
+            f"({_ratio(r.get('grpc_vs_http_serial_p50_above_floor'))}) "
+            f"| {_ratio(r.get('replica_grpc_vs_http_serial_p50'))} "
+            f"({_ratio(r.get('replica_grpc_vs_http_serial_p50_above_floor'))}) |"
         )
     if not rows:
         return []
@@ -203,7 +205,10 @@ def _placement_section(results: dict[str, Any]) -> list[str]:
         "",
         "Replica = the same model as a Serve deployment of its own, reached over the direct "
         "channel; fused = inside the ingress replica. CPU per request: every process but "
-        "the generator's, at the closed-loop step with the most throughput within the SLO.",
+        "the generator's, at the closed-loop step with the most throughput within the SLO. "
+        "gRPC / HTTP in brackets: each p50 less its client's own floor (the generator "
+        "against the cheapest server of that transport, see Load generator overhead), i.e. "
+        "the server's time over each transport.",
         "",
         "| scenario | replica / fused, serial p50 (target ≤ 2×) | replica / fused, throughput "
         "at SLO (target ≥ 0.5×) | same over gRPC, p50 | same over gRPC, throughput "
@@ -481,7 +486,20 @@ def _generator_section(results: dict[str, Any]) -> list[str]:
         "latency then counts from the actual send; a late send counts from its due time);",
         f"- CPU per request over every run of this report (includes idle waits at low "
         f"rates): {overall}.",
+        *_grpc_floor_lines(g.get("grpc")),
         "",
+    ]
+
+
+def _grpc_floor_lines(floor: dict[str, Any] | None) -> list[str]:
+    if not floor:
+        return []
+    s, c = floor["serial"], floor["closed"]
+    return [
+        f"- the gRPC client (grpcio's channel, one HTTP/2 connection) against grpcio's "
+        f"server answering a fixed message: serial p50 {s['latency_ms']['p50']:.3f} ms, "
+        f"p99 {s['latency_ms']['p99']:.3f} ms, {s['client_cpu_us_per_request']:.0f} µs "
+        f"client CPU per request; {c['throughput_rps']:.0f} req/s with 8 clients.",
     ]
 
 

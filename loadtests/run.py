@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -571,7 +571,9 @@ def measure_overload(
     return out
 
 
-def measure_generator(plan: Plan, progress: Progress, w: Worker) -> dict[str, Any]:
+def measure_generator(
+    plan: Plan, progress: Progress, w: Worker, systems: Sequence[str] = ()
+) -> dict[str, Any]:
     """The generator against the floor server: its own cost per request and the lowest
     latency it can report on this machine."""
     port = free_port()
@@ -596,7 +598,41 @@ def measure_generator(plan: Plan, progress: Progress, w: Worker) -> dict[str, An
         f"{c['client_cpu_us_per_request']:.0f} us/request at {c['throughput_rps']:.0f} req/s "
         f"closed-loop; open-loop 1000 req/s send lag p99 {o['send_lag_ms']['p99']:.2f} ms"
     )
-    return {"serial": s, "closed": c, "open_1000": o}
+    out = {"serial": s, "closed": c, "open_1000": o}
+    if any(sys_.endswith("grpc") for sys_ in systems):
+        out["grpc"] = _grpc_floor(plan, progress, w)
+    return out
+
+
+def _floors(generator: dict[str, Any] | None) -> tuple[float, float] | None:
+    if not generator or "grpc" not in generator:
+        return None
+    return (
+        generator["serial"]["latency_ms"]["p50"],
+        generator["grpc"]["serial"]["latency_ms"]["p50"],
+    )
+
+
+def _grpc_floor(plan: Plan, progress: Progress, w: Worker) -> dict[str, Any]:
+    """The gRPC client against the cheapest gRPC server (loadtests.floor --grpc)."""
+    import grpc
+
+    port = free_port()
+    args = [sys.executable, "-m", "loadtests.floor", "--grpc", "--port", str(port)]
+    target = {"op": "load", "kind": "grpc", "host": "127.0.0.1", "port": port,
+              "path": "digits", "scenario": "digits"}  # fmt: skip
+    with child(args, "gRPC floor server"), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        grpc.channel_ready_future(ch).result(timeout=60)
+        s = w.call({**target, "mode": "serial", "n": plan.floor_serial_n, "warmup": 50})
+        c = w.call(
+            {**target, "mode": "closed", "concurrency": 8, "duration_s": 1.5, "warmup_s": 0.2}
+        )
+    progress(
+        f"gRPC generator floor: serial p50 {s['latency_ms']['p50']:.3f} ms, "
+        f"{s['client_cpu_us_per_request']:.0f} us CPU/request serial, "
+        f"{c['throughput_rps']:.0f} req/s closed-loop at 8"
+    )
+    return {"serial": s, "closed": c}
 
 
 def machine_info() -> dict[str, Any]:
@@ -639,8 +675,11 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def ratios(scenario: dict[str, Any]) -> dict[str, float | None]:
-    """Our gateway against the naive Ray Serve baseline (and, for context, uvicorn)."""
+def ratios(
+    scenario: dict[str, Any], floors: tuple[float, float] | None = None
+) -> dict[str, float | None]:
+    """Our gateway against the naive Ray Serve baseline (and, for context, uvicorn).
+    `floors`: the generator's serial p50 against the cheapest HTTP and gRPC servers."""
     systems = scenario["systems"]
     out: dict[str, float | None] = {}
 
@@ -690,6 +729,11 @@ def ratios(scenario: dict[str, Any]) -> dict[str, float | None]:
         h, g = systems.get(http), systems.get(grpc)
         if h and g:
             out[prefix + "grpc_vs_http_serial_p50"] = div(p50(g), p50(h))
+            if floors is not None and p50(g) is not None and p50(h) is not None:
+                # The server's own time per transport: each p50 less its client's floor.
+                out[prefix + "grpc_vs_http_serial_p50_above_floor"] = div(
+                    p50(g) - floors[1], p50(h) - floors[0]
+                )
     return out
 
 
@@ -791,7 +835,7 @@ def run(opts: Options) -> dict[str, Any]:
             env = _start(stack, opts, progress, runnable, results["meta"])
             w = stack.enter_context(worker())
             # Measured once everything is up and idle: the conditions of the runs below.
-            results["generator"] = measure_generator(plan, progress, w)
+            results["generator"] = measure_generator(plan, progress, w, opts.systems)
             if "ceiling" in opts.systems:
                 # One per model version and device (scenarios may share one).
                 for s in {(s.model, s.version, s.gpu): s for s in runnable}.values():
@@ -840,7 +884,7 @@ def run(opts: Options) -> dict[str, Any]:
         results["meta"]["loadavg_end"] = os.getloadavg()
         for name, sc in results["scenarios"].items():
             if not sc["skip"]:
-                sc["ratios"] = ratios(sc)
+                sc["ratios"] = ratios(sc, _floors(results.get("generator")))
                 if SCENARIOS[name].gpu:
                     sc["gpu"] = gpu_figures(sc, SCENARIOS[name], results["ceiling"].get(name))
                 plain = results["scenarios"].get(SCENARIOS[name].compare_with or "")

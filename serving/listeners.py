@@ -1,4 +1,4 @@
-"""Where Ray Serve's own listeners in our replicas bind.
+"""Where listeners in our replicas bind: the gateway's own ports, and Ray Serve's.
 
 Ray Serve (2.60) starts an inter-deployment gRPC server in every replica on all
 interfaces (`[::]:0`), with no setting to change it. On a node whose Ray address is
@@ -10,7 +10,22 @@ multi-node cluster the node's address is not loopback and nothing changes.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
+
+
+def shared_port_socket(host: str, port: int, what: str) -> socket.socket:
+    """A bound TCP socket on `host:port` with SO_REUSEPORT: the ingress replicas of one
+    node share the port and the kernel spreads connections across them."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"{what} cannot listen on {host}:{port}: {exc}") from None
+    return sock
 
 
 def is_loopback(host: str) -> bool:

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     http_mode: Literal["direct", "proxy", "haproxy"] = "direct"
     ray_proxy_port: int = 8001
     grpc_port: int = 9000  # gRPC (Open Inference Protocol), in every ingress replica
+    # `h2`: gRPC's HTTP/2 served on the replica's event loop (transport/grpc_h2.py);
+    # `grpcio`: grpc.aio's server (its C core, with a polling thread of its own).
+    grpc_server: Literal["h2", "grpcio"] = "h2"
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     # Join an existing Ray cluster when set (RAY_ADDRESS is honoured too); otherwise

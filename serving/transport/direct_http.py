@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from serving.listeners import shared_port_socket
 from serving.transport import refusal
 from serving.transport.context import REQUEST_ID, new_request_id, usable_request_id
 from serving.transport.http import ARRIVAL, WRITE, response_bytes
@@ -317,14 +317,7 @@ class DirectHttpServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((self.host, self.port))
-        except OSError as exc:
-            sock.close()
-            raise RuntimeError(f"HTTP cannot listen on {self.host}:{self.port}: {exc}") from None
+        sock = shared_port_socket(self.host, self.port, "HTTP")
         sock.listen(2048)
         sock.setblocking(False)
         config = uvicorn.Config(

@@ -210,6 +210,7 @@ class GrpcServer:
         self._settings = settings
         self._max_concurrent = max_concurrent
         self._server: grpc.aio.Server | None = None
+        self._h2: Any = None
         self.port: int | None = None
 
     @property
@@ -217,6 +218,9 @@ class GrpcServer:
         return self._settings.grpc_target()
 
     async def start(self) -> None:
+        if self._settings.grpc_server == "h2":
+            await self._start_h2()
+            return
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1),
@@ -243,8 +247,36 @@ class GrpcServer:
         self._server, self.port = server, port
         log.info("gRPC (Open Inference Protocol) listening on %s", self.target)
 
+    async def _start_h2(self) -> None:
+        from grpc_reflection.v1alpha import reflection_pb2_grpc
+        from grpc_reflection.v1alpha._async import ReflectionServicer
+
+        from serving.transport.grpc_h2 import H2GrpcServer
+
+        s = self._settings
+        h2 = H2GrpcServer(s.http_host, s.grpc_port, self._max_concurrent, s.max_body_bytes)
+        h2.add(
+            lambda r: pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+                InferenceServicer(self._plane), r
+            )
+        )
+        pool = pb.DESCRIPTOR.pool
+        with contextlib.suppress(TypeError):
+            pool.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
+        h2.add(
+            lambda r: reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                ReflectionServicer((SERVICE, reflection.SERVICE_NAME), pool=pool), r
+            )
+        )
+        await h2.start()
+        self._h2, self.port = h2, h2.port
+        log.info("gRPC (Open Inference Protocol, h2 on the loop) listening on %s", self.target)
+
     async def stop(self) -> None:
         """Refuse new calls (GOAWAY) and finish those in flight within the drain time."""
+        if self._h2 is not None:
+            h2, self._h2 = self._h2, None
+            await h2.stop(self._settings.drain_timeout_s)
         if self._server is not None:
             server, self._server = self._server, None
             await server.stop(self._settings.drain_timeout_s)
