@@ -33,7 +33,6 @@ import yaml
 from loadtests.loadgen import HttpClient, RunResult, http_request, open_loop, percentile
 from tests.conftest import free_port
 from tests.e2e.cluster import VENV_BIN, Hosts, Node, can_make_hosts, ray_start
-from tests.e2e.conftest import _copy_version
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "cluster-admin-token"
@@ -95,8 +94,8 @@ def cluster(registry_root: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     logs = tmp / "logs"
     logs.mkdir()
     registry = tmp / "registry"
+    # v1 (TorchScript) serves; the rollouts go to v2 (the same model, torch.export).
     shutil.copytree(registry_root / MODEL, registry / MODEL)
-    _copy_version(registry / MODEL / "v1", registry / MODEL / "v2")
     config = tmp / "cluster.yaml"
     config.write_text(
         yaml.safe_dump(
