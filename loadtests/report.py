@@ -404,9 +404,12 @@ def _overload_section(results: dict[str, Any]) -> list[str]:
     return [
         "## Overload",
         "",
-        "Open loop at 3× the closed-loop peak (capacity). Goodput: answered requests per "
-        "second over capacity. Refused: 503 (`overloaded`) answers. The generator shares "
-        "the machine: its send lag says how late it could send.",
+        "Open loop at 3× the capacity. Capacity and overload are measured with the served "
+        "system (Ray, Redis, the gateway) on all CPUs but the last and the generator on the "
+        "last (`loadtests.cores`; on one CPU they share it): capacity is the closed loop at "
+        "the sweep's peak concurrency, so pinned. Goodput: answered requests per second "
+        "over capacity. Refused: 503 (`overloaded`) answers. The generator's send lag says "
+        "how late it could send.",
         "",
         "| system | capacity req/s | offered req/s | goodput | admitted p99 ms "
         "| refused | refusal p99 ms | generator lag p99 ms |",

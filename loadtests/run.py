@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from loadtests import cores
 from loadtests.scenarios import REGISTRY, ROOT, SCENARIOS, Scenario
 
 SYSTEMS: dict[str, str] = {
@@ -534,19 +535,38 @@ def measure_overload(
     peak: dict[str, Any],
     times: float,
 ) -> dict[str, Any]:
-    """Open loop at `times` the closed-loop peak (the capacity): how fast refusals come,
-    how the admitted requests fare, and goodput (answered per second over capacity)."""
-    capacity = peak["throughput_rps"]
-    r = w.call(
-        {
-            **target,
-            "mode": "open",
-            "rate": times * capacity,
-            "duration_s": 2 * plan.open_s,
-            "warmup_s": plan.open_warmup_s,
-        }
-    )
+    """Open loop at `times` the capacity: how fast refusals come, how the admitted
+    requests fare, and goodput (answered per second over capacity). Both the capacity
+    (the closed loop at the peak's concurrency) and the overload are measured with the
+    served system and the generator on cores apart (loadtests.cores), so the generator
+    can offer the load without queueing behind the server for a core."""
+    with cores.apart(w.proc.pid) as split:
+        if split is None:
+            capacity = peak["throughput_rps"]
+        else:
+            closed = w.call(
+                {
+                    **target,
+                    "mode": "closed",
+                    "concurrency": peak["concurrency"],
+                    "duration_s": plan.closed_s,
+                    "warmup_s": plan.closed_warmup_s,
+                }
+            )
+            capacity = closed["throughput_rps"]
+        r = w.call(
+            {
+                **target,
+                "mode": "open",
+                "rate": times * capacity,
+                "duration_s": 2 * plan.open_s,
+                "warmup_s": plan.open_warmup_s,
+            }
+        )
     out = {
+        "cores": None
+        if split is None
+        else {"system": sorted(split[0]), "generator": sorted(split[1])},
         "capacity_rps": capacity,
         "offered_rps": r["offered_rps"],
         "goodput_rps": r["throughput_rps"],

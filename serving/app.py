@@ -280,18 +280,22 @@ class RolloutControl:
 
 
 class _Background:
-    """The routing tables' and statistics' loops, started before the servers take
-    requests; on the way out, after they stopped, those and the data plane's
-    connections to replicas."""
+    """The routing tables' and statistics' loops and the loop-lag probe, started before
+    the servers take requests; on the way out, after they stopped, those and the data
+    plane's connections to replicas."""
 
     def __init__(self, rollouts: RolloutView, plane: DataPlane) -> None:
         self._rollouts = rollouts
         self._plane = plane
+        self._probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._rollouts.ensure_started()
+        self._probe = asyncio.get_running_loop().create_task(self._plane.admission.probe())
 
     async def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         await self._rollouts.close()
         self._plane.caller.close()
 

@@ -233,6 +233,9 @@ class IngressConfig(BaseModel):
     # The in-flight limit adapts below max_ongoing_requests so that requests queue no
     # longer than this (serving.dataplane.admission).
     target_queue_delay_ms: float = Field(default=20.0, gt=0)
+    # ... and so that the replica's event loop runs late by no more than this (a probe
+    # every few ms measures it): what a refusal or any read waits for.
+    target_loop_lag_ms: float = Field(default=5.0, gt=0)
     # Placement in a cluster: at most this many ingress replicas per node, and custom
     # Ray resources each one asks for (a node group that offers them hosts the ingress).
     max_replicas_per_node: int | None = Field(default=None, ge=1)

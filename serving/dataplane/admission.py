@@ -16,6 +16,11 @@ used, raises it by 1/limit (about one per limit's worth of answers). Between MIN
 and `max_ongoing_requests`. A fixed count alone let a replica past its CPU peak queue
 hundreds of requests for seconds.
 
+The same cut follows the event loop's own lateness: a probe sleeps LAG_PERIOD_S at a
+time and reports how late it woke (`probe`); when even the least late of an interval's
+probes is past `target_lag_s`, every read (a refusal's too) waits that long for the
+loop, whatever the answers report: requests in flight do the work that delays it.
+
 The direct HTTP server also asks `full()` before it starts a request's handler: a
 prediction that arrives while the replica is full is answered 503 by the server
 itself, which costs a fraction of a handled request (serving.transport.direct_http).
@@ -23,6 +28,7 @@ itself, which costs a fraction of a handled request (serving.transport.direct_ht
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -33,13 +39,21 @@ MIN_LIMIT = 4.0
 START_LIMIT = 64.0
 INTERVAL_S = 0.1
 MIN_ANSWERS = 8  # fewer answers in an interval say nothing about a standing queue
+LAG_PERIOD_S = 0.005
+MIN_PROBES = 5  # of an interval (INTERVAL_S / LAG_PERIOD_S when the loop keeps time)
 
 
 class Admission:
-    def __init__(self, limit: int, target_queue_s: float = 0.020) -> None:
+    def __init__(
+        self, limit: int, target_queue_s: float = 0.020, target_lag_s: float = 0.005
+    ) -> None:
         self.max_limit = float(limit)
         self.limit = min(START_LIMIT, self.max_limit)
         self.target_queue_s = target_queue_s
+        self.target_lag_s = target_lag_s
+        self._lag_start = time.monotonic()
+        self._least_lag = math.inf  # of this interval's probes
+        self._probes = 0
         self.inflight: dict[str, int] = {}  # per model; read by the in-flight gauge
         self.total = 0
         # Requests a server has read whose handler has not started yet (the direct
@@ -81,12 +95,34 @@ class Admission:
         now = time.monotonic()
         if now - self._interval_start >= INTERVAL_S:
             if self._least_queued > self.target_queue_s and self._answers >= MIN_ANSWERS:
-                # The further past the target, the deeper the cut (by a tenth to a half).
-                cut = min(0.9, max(0.5, self.target_queue_s / self._least_queued))
-                self.limit = max(MIN_LIMIT, self.limit * cut)
+                self._cut(self.target_queue_s / self._least_queued)
             self._interval_start, self._least_queued, self._answers = now, math.inf, 0
         if queued_s <= self.target_queue_s and self.total + 1 >= 0.8 * self.limit:
             self.limit = min(self.max_limit, self.limit + 1.0 / self.limit)
+
+    def _cut(self, ratio: float) -> None:
+        """The further past the target, the deeper the cut (by a tenth to a half)."""
+        self.limit = max(MIN_LIMIT, self.limit * min(0.9, max(0.5, ratio)))
+
+    def observe_lag(self, lag_s: float) -> None:
+        """One probe: how late the loop woke it."""
+        self._probes += 1
+        self._least_lag = min(self._least_lag, lag_s)
+        now = time.monotonic()
+        if now - self._lag_start >= INTERVAL_S:
+            # Only while requests are in flight: an idle loop late for other reasons (a
+            # collection, the process descheduled) has nothing to refuse.
+            if self._least_lag > self.target_lag_s and self._probes >= MIN_PROBES and self.total:
+                self._cut(self.target_lag_s / self._least_lag)
+            self._lag_start, self._least_lag, self._probes = now, math.inf, 0
+
+    async def probe(self) -> None:
+        """Measure the loop's lateness for the replica's life (cancel to stop)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_PERIOD_S
+            await asyncio.sleep(LAG_PERIOD_S)
+            self.observe_lag(max(0.0, loop.time() - due))
 
     def alone(self, model: str) -> bool:
         """No other request for this model is in flight here, and none is waiting to

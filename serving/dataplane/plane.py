@@ -87,7 +87,9 @@ class DataPlane:
         self.catalog = Catalog(dep, router)
         self.caller = VersionCaller(handles, local or {}, watch)
         self.admission = Admission(
-            dep.ingress.max_ongoing_requests, dep.ingress.target_queue_delay_ms / 1000.0
+            dep.ingress.max_ongoing_requests,
+            dep.ingress.target_queue_delay_ms / 1000.0,
+            dep.ingress.target_loop_lag_ms / 1000.0,
         )
         self.admission.on_shed = self._shed
         self.admission.close_refused = dep.ingress.num_replicas > 1

@@ -101,3 +101,51 @@ def test_past_the_limit_a_request_is_refused_and_waiting_ones_count_as_full() ->
         a.enter("m")
     a.leave("m")  # not answered: no signal either way
     assert a.limit == 2 and a.total == 1 and a.inflight == {"m": 0, "n": 1}
+
+
+def _probes(a: Admission, lags_s: list[float]) -> None:
+    """One interval's probes; the first probe after it is when it is judged."""
+    for lag in lags_s:
+        a.observe_lag(lag)
+    time.sleep(0.0012)
+    a.observe_lag(lags_s[-1])
+
+
+def test_a_loop_late_at_every_probe_cuts_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
+    a = Admission(512, target_queue_s=0.020, target_lag_s=0.005)
+    a.enter("m")  # something in flight: the lateness is the requests' doing
+    time.sleep(0.0012)
+    a.observe_lag(0.0)  # starts an interval
+    _probes(a, [0.010] * 6)  # twice the target at every probe: half off (the most)
+    assert a.limit == pytest.approx(0.5 * START_LIMIT, rel=1e-3)
+    _probes(a, [0.0055] * 6)  # just past it: a tenth off
+    assert a.limit == pytest.approx(0.45 * START_LIMIT, rel=1e-3)
+
+
+def test_a_late_probe_among_timely_ones_an_idle_loop_or_few_probes_cut_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
+    a = Admission(512, target_lag_s=0.005)
+    time.sleep(0.0012)
+    a.observe_lag(0.0)
+    _probes(a, [0.050] * 6)  # late, but nothing in flight: nothing to refuse
+    a.enter("m")
+    _probes(a, [0.0] + [0.050] * 5)  # one probe on time: no standing backlog
+    _probes(a, [0.050] * 2)  # too few probes to say
+    assert a.limit == START_LIMIT
+
+
+async def test_the_probe_reports_how_late_the_loop_runs() -> None:
+    import asyncio
+
+    a = Admission(512)
+    seen: list[float] = []
+    a.observe_lag = seen.append  # type: ignore[method-assign]
+    task = asyncio.get_running_loop().create_task(a.probe())
+    await asyncio.sleep(0.02)
+    time.sleep(0.03)  # the loop blocked: the next probe wakes ~30 ms late
+    await asyncio.sleep(0.02)
+    task.cancel()
+    assert len(seen) >= 3 and max(seen) >= 0.02 and min(seen) < 0.005
