@@ -18,8 +18,10 @@ hundreds of requests for seconds.
 
 The same cut follows the event loop's own lateness: a probe sleeps LAG_PERIOD_S at a
 time and reports how late it woke (`probe`); when even the least late of an interval's
-probes is past `target_lag_s`, every read (a refusal's too) waits that long for the
-loop, whatever the answers report: requests in flight do the work that delays it.
+probes is past `target_lag_s` while the loop's thread ran most of the interval with
+requests in flight, every read (a refusal's too) waits that long for the loop, whatever
+the answers report: requests in flight do the work that delays it. (Late but not busy:
+the process waited for a CPU, which refusing would not give it.)
 
 The direct HTTP server also asks `full()` before it starts a request's handler: a
 prediction that arrives while the replica is full is answered 503 by the server
@@ -41,6 +43,7 @@ INTERVAL_S = 0.1
 MIN_ANSWERS = 8  # fewer answers in an interval say nothing about a standing queue
 LAG_PERIOD_S = 0.005
 MIN_PROBES = 5  # of an interval (INTERVAL_S / LAG_PERIOD_S when the loop keeps time)
+LOOP_BUSY = 0.7  # share of an interval the loop thread ran: it is saturated
 
 
 class Admission:
@@ -52,6 +55,7 @@ class Admission:
         self.target_queue_s = target_queue_s
         self.target_lag_s = target_lag_s
         self._lag_start = time.monotonic()
+        self._lag_cpu = time.thread_time()  # the loop thread's CPU time (probes run on it)
         self._least_lag = math.inf  # of this interval's probes
         self._probes = 0
         self.inflight: dict[str, int] = {}  # per model; read by the in-flight gauge
@@ -110,11 +114,20 @@ class Admission:
         self._least_lag = min(self._least_lag, lag_s)
         now = time.monotonic()
         if now - self._lag_start >= INTERVAL_S:
-            # Only while requests are in flight: an idle loop late for other reasons (a
-            # collection, the process descheduled) has nothing to refuse.
-            if self._least_lag > self.target_lag_s and self._probes >= MIN_PROBES and self.total:
+            cpu = time.thread_time()
+            # Late because the loop is busy (its thread ran most of the interval) with
+            # requests in flight: refusing some shortens its turns. A loop late while
+            # its process waits for a CPU, or idle, has nothing to gain from refusing.
+            busy = (cpu - self._lag_cpu) / (now - self._lag_start) >= LOOP_BUSY
+            if (
+                busy
+                and self.total
+                and self._probes >= MIN_PROBES
+                and self._least_lag > self.target_lag_s
+            ):
                 self._cut(self.target_lag_s / self._least_lag)
-            self._lag_start, self._least_lag, self._probes = now, math.inf, 0
+            self._lag_start, self._lag_cpu = now, cpu
+            self._least_lag, self._probes = math.inf, 0
 
     async def probe(self) -> None:
         """Measure the loop's lateness for the replica's life (cancel to stop)."""

@@ -103,11 +103,15 @@ def test_past_the_limit_a_request_is_refused_and_waiting_ones_count_as_full() ->
     assert a.limit == 2 and a.total == 1 and a.inflight == {"m": 0, "n": 1}
 
 
-def _probes(a: Admission, lags_s: list[float]) -> None:
-    """One interval's probes; the first probe after it is when it is judged."""
+def _probes(a: Admission, lags_s: list[float], busy: bool = True) -> None:
+    """One interval's probes, the loop's thread running (busy) or waiting through it;
+    the first probe after it is when it is judged."""
     for lag in lags_s:
         a.observe_lag(lag)
-    time.sleep(0.0012)
+    end = time.monotonic() + 0.005  # well past the (patched) 1 ms interval
+    while time.monotonic() < end:
+        if not busy:
+            time.sleep(0.005)
     a.observe_lag(lags_s[-1])
 
 
@@ -115,26 +119,27 @@ def test_a_loop_late_at_every_probe_cuts_the_limit(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
     a = Admission(512, target_queue_s=0.020, target_lag_s=0.005)
     a.enter("m")  # something in flight: the lateness is the requests' doing
-    time.sleep(0.0012)
-    a.observe_lag(0.0)  # starts an interval
+    _probes(a, [0.0])  # starts an interval
     _probes(a, [0.010] * 6)  # twice the target at every probe: half off (the most)
     assert a.limit == pytest.approx(0.5 * START_LIMIT, rel=1e-3)
     _probes(a, [0.0055] * 6)  # just past it: a tenth off
     assert a.limit == pytest.approx(0.45 * START_LIMIT, rel=1e-3)
 
 
-def test_a_late_probe_among_timely_ones_an_idle_loop_or_few_probes_cut_nothing(
+def test_a_timely_probe_an_idle_or_starved_loop_or_few_probes_cut_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
     a = Admission(512, target_lag_s=0.005)
-    time.sleep(0.0012)
-    a.observe_lag(0.0)
+    _probes(a, [0.0])
     _probes(a, [0.050] * 6)  # late, but nothing in flight: nothing to refuse
     a.enter("m")
     _probes(a, [0.0] + [0.050] * 5)  # one probe on time: no standing backlog
     _probes(a, [0.050] * 2)  # too few probes to say
+    _probes(a, [0.050] * 6, busy=False)  # late while the thread waited: starved, not busy
     assert a.limit == START_LIMIT
+    _probes(a, [0.050] * 6)  # the same, busy: cut
+    assert a.limit < START_LIMIT
 
 
 async def test_the_probe_reports_how_late_the_loop_runs() -> None:
