@@ -15,6 +15,7 @@ drain: GOAWAY, then the calls in flight finish within the drain time.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import socket
@@ -136,15 +137,7 @@ class _Connection(asyncio.Protocol):
                 self._trailers_only(sid, grpc.StatusCode.UNIMPLEMENTED, "compression")
                 return
             elif not name.startswith((b":", b"grpc-")) and name not in _TRANSPORT:
-                # Binary (-bin) metadata stays bytes, as grpcio hands it over.
-                metadata.append(
-                    (
-                        name.decode("latin-1"),
-                        value
-                        if name.endswith(b"-bin")
-                        else value.decode("utf-8", "surrogateescape"),
-                    )
-                )
+                metadata.append((name.decode("latin-1"), _metadata_value(name, value)))
         if self.closing:  # after our GOAWAY: the client retries it elsewhere
             self._h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
@@ -174,7 +167,15 @@ class _Connection(asyncio.Protocol):
                 stream.task.cancel()
             return
         if stream.queue is not None:
-            for message in self._messages(sid, stream, complete=False):
+            try:
+                messages = self._messages(sid, stream, complete=False)
+            except Abort as exc:
+                self._streams.pop(sid, None)
+                self._trailers_only(sid, exc.code, exc.details)
+                if stream.task is not None:
+                    stream.task.cancel()
+                return
+            for message in messages:
                 stream.queue.put_nowait(message)
 
     def _messages(self, sid: int, stream: _Stream, complete: bool) -> list[bytes]:
@@ -377,6 +378,16 @@ class _Connection(asyncio.Protocol):
             self._transport.write(GoAwayFrame(0, last_stream_id=last, error_code=0).serialize())
         if not self._streams:
             self._shut()
+
+
+def _metadata_value(name: bytes, value: bytes) -> Any:
+    """As grpcio hands metadata over: binary (-bin) values base64-decoded to bytes, the
+    rest as text."""
+    if name.endswith(b"-bin"):
+        with contextlib.suppress(ValueError):
+            return base64.b64decode(value + b"=" * (-len(value) % 4))
+        return value
+    return value.decode("utf-8", "surrogateescape")
 
 
 def _frame(body: bytes) -> bytes:

@@ -39,8 +39,13 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         if request.model_name == "slow":
             await asyncio.sleep(0.5)
         remaining = context.time_remaining()
+        blob = metadata.get("x-blob-bin", b"")
         context.set_trailing_metadata(
-            (("x-request-id", metadata.get("x-request-id", "")), ("remaining", str(remaining)))
+            (
+                ("x-request-id", metadata.get("x-request-id", "")),
+                ("remaining", str(remaining)),
+                ("blob", blob.hex() if isinstance(blob, bytes) else "text"),
+            )
         )
         answer = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
         answer.raw_output_contents.append(b"x" * int(request.id or 0))
@@ -107,12 +112,14 @@ def stub(running: Running) -> Iterator[Any]:
 def test_unary_calls_with_metadata_and_deadline(stub: Any) -> None:
     assert stub.ServerLive(pb.ServerLiveRequest()).live
     answer, call = stub.ModelInfer.with_call(
-        pb.ModelInferRequest(model_name="m", id="10"), metadata=(("x-request-id", "abc"),),
+        pb.ModelInferRequest(model_name="m", id="10"),
+        metadata=(("x-request-id", "abc"), ("x-blob-bin", b"\x00\x01\xff")),
         timeout=5,
     )  # fmt: skip
     assert answer.model_name == "m" and answer.raw_output_contents[0] == b"x" * 10
     trailing = dict(call.trailing_metadata())
     assert trailing["x-request-id"] == "abc"
+    assert trailing["blob"] == "0001ff"  # binary metadata arrives as bytes
     assert 4.0 < float(trailing["remaining"]) <= 5.1  # grpc-timeout became the deadline
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(pb.ModelInferRequest(model_name="slow"), timeout=0.1)
