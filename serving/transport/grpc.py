@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from serving.dataplane import DataPlane
 from serving.proto import grpc_predict_v2_pb2 as pb
@@ -30,6 +31,7 @@ from serving.settings import Settings
 from serving.transport import oip
 from serving.transport.context import REQUEST_ID, RequestContext, given_request_id, server_timing
 from serving.transport.errors import to_grpc
+from serving.transport.grpc_h2 import H2GrpcServer
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +212,7 @@ class GrpcServer:
         self._settings = settings
         self._max_concurrent = max_concurrent
         self._server: grpc.aio.Server | None = None
-        self._h2: Any = None
+        self._h2: H2GrpcServer | None = None
         self.port: int | None = None
 
     @property
@@ -230,13 +232,7 @@ class GrpcServer:
             # Past this many RPCs in flight gRPC answers RESOURCE_EXHAUSTED at once.
             maximum_concurrent_rpcs=self._max_concurrent,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self._plane), server)
-        # Our messages live in a private descriptor pool (see proto/generate.py);
-        # reflection serves from it, so it needs the reflection service there too.
-        pool = pb.DESCRIPTOR.pool
-        with contextlib.suppress(TypeError):  # already added by an earlier replica start
-            pool.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
-        reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), server, pool=pool)
+        self._add_services(server)
         try:
             port = server.add_insecure_port(self.target)
         except RuntimeError as exc:
@@ -247,27 +243,24 @@ class GrpcServer:
         self._server, self.port = server, port
         log.info("gRPC (Open Inference Protocol) listening on %s", self.target)
 
+    def _add_services(self, server: Any) -> None:
+        """The inference service and reflection, on grpc.aio's server or on the loop's
+        own (its registry stands for a server in the generated `add_*_to_server`)."""
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self._plane), server)
+        # Our messages live in a private descriptor pool (see proto/generate.py);
+        # reflection serves from it, so it needs the reflection service there too.
+        pool = pb.DESCRIPTOR.pool
+        with contextlib.suppress(TypeError):  # already added by an earlier replica start
+            pool.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
+        names = (SERVICE, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer(names, pool=pool), server
+        )
+
     async def _start_h2(self) -> None:
-        from grpc_reflection.v1alpha import reflection_pb2_grpc
-        from grpc_reflection.v1alpha._async import ReflectionServicer
-
-        from serving.transport.grpc_h2 import H2GrpcServer
-
         s = self._settings
         h2 = H2GrpcServer(s.http_host, s.grpc_port, self._max_concurrent, s.max_body_bytes)
-        h2.add(
-            lambda r: pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-                InferenceServicer(self._plane), r
-            )
-        )
-        pool = pb.DESCRIPTOR.pool
-        with contextlib.suppress(TypeError):
-            pool.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
-        h2.add(
-            lambda r: reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-                ReflectionServicer((SERVICE, reflection.SERVICE_NAME), pool=pool), r
-            )
-        )
+        self._add_services(h2.registry)
         await h2.start()
         self._h2, self.port = h2, h2.port
         log.info("gRPC (Open Inference Protocol, h2 on the loop) listening on %s", self.target)

@@ -21,7 +21,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import quote
 
@@ -395,21 +395,18 @@ def _frame(body: bytes) -> bytes:
 
 
 class H2GrpcServer:
-    """`start`/`stop` on the replica's event loop; `add` registers servicers as
-    grpcio's generated `add_*_to_server` functions do (this object is their server)."""
+    """`start`/`stop` on the replica's event loop; servicers are added to `registry`."""
 
     def __init__(self, host: str, port: int, max_concurrent: int, max_message: int) -> None:
         self.host, self.port = host, port
         self.max_concurrent = max_concurrent
         self.max_message = max_message
-        self._registry = Registry()
-        self.methods = self._registry.methods
+        # Pass it where the generated `add_*Servicer_to_server` take a grpc.Server.
+        self.registry = Registry()
+        self.methods = self.registry.methods
         self.connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
-
-    def add(self, register: Callable[[Any], None]) -> None:
-        register(self._registry)
 
     @property
     def in_flight(self) -> int:

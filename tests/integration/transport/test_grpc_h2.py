@@ -67,10 +67,8 @@ class Running:
         reflection = ReflectionServicer(names, pool=pb.DESCRIPTOR.pool)
         if kind == "h2":
             server = H2GrpcServer("127.0.0.1", 0, LIMIT, MAX_MESSAGE)
-            server.add(lambda r: pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), r))
-            server.add(
-                lambda r: reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection, r)
-            )
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server.registry)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection, server.registry)
             await server.start()
             return server
         aio = grpc.aio.server(
