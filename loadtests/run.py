@@ -452,15 +452,7 @@ def measure(
     closed: list[dict[str, Any]] = []
     best = 0.0
     for c in plan.closed_steps:
-        r = w.call(
-            {
-                **target,
-                "mode": "closed",
-                "concurrency": c,
-                "duration_s": plan.closed_s,
-                "warmup_s": plan.closed_warmup_s,
-            }
-        )
+        r = _closed_step(w, plan, target, c)
         closed.append(r)
         thr, p99 = r["throughput_rps"], r["latency_ms"]["p99"]
         progress(f"{label} closed-loop {c:3d} clients: {thr:7.1f} req/s, p99 {p99:.1f} ms")
@@ -526,6 +518,18 @@ def measure(
     }
 
 
+def _closed_step(w: Worker, plan: Plan, target: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    return w.call(
+        {
+            **target,
+            "mode": "closed",
+            "concurrency": concurrency,
+            "duration_s": plan.closed_s,
+            "warmup_s": plan.closed_warmup_s,
+        }
+    )
+
+
 def measure_overload(
     w: Worker,
     plan: Plan,
@@ -544,16 +548,7 @@ def measure_overload(
         if split is None:
             capacity = peak["throughput_rps"]
         else:
-            closed = w.call(
-                {
-                    **target,
-                    "mode": "closed",
-                    "concurrency": peak["concurrency"],
-                    "duration_s": plan.closed_s,
-                    "warmup_s": plan.closed_warmup_s,
-                }
-            )
-            capacity = closed["throughput_rps"]
+            capacity = _closed_step(w, plan, target, peak["concurrency"])["throughput_rps"]
         r = w.call(
             {
                 **target,
