@@ -64,6 +64,7 @@ class Gateway:
         deployment: dict[str, Any],
         admin_token_sha256: str | None,
         control: DeploymentHandle,
+        feedback_token_sha256: str | None = None,
     ) -> None:
         keep_replica_grpc_on_loopback()
         s, self._dep = _configured(settings, deployment)
@@ -107,6 +108,8 @@ class Gateway:
         # SERVING_ADMIN_TOKEN_FILE names (e.g. a mounted Kubernetes Secret).
         token = None if admin_token_sha256 else read_token(s)
         self._admin_digest = token_digest(token) if token else admin_token_sha256
+        token = None if feedback_token_sha256 else read_token(s, "feedback")
+        self._feedback_digest = token_digest(token) if token else feedback_token_sha256
         self._lock: asyncio.Lock | None = None  # made lazily inside the running loop
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
@@ -145,6 +148,7 @@ class Gateway:
             self._plane,
             s,
             admin_digest=self._admin_digest,
+            feedback_digest=self._feedback_digest,
             rollouts=_Rollouts(self._rollouts, self._control),
             labels=self._feedback,
             reconfigure=self._reconfigure,
@@ -319,7 +323,11 @@ def gateway_app(args: dict[str, Any]) -> Application:
     settings = args.get("settings") or {}
     control = RolloutControl.bind(settings, args["deployment"])  # type: ignore[attr-defined]
     app: Application = Gateway.bind(  # type: ignore[attr-defined]
-        settings, args["deployment"], _admin_digest(args), control
+        settings,
+        args["deployment"],
+        _admin_digest(args),
+        control,
+        args.get("feedback_token_sha256"),
     )
     return app
 

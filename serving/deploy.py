@@ -20,7 +20,7 @@ from typing import Any
 
 from ray import serve
 
-from serving.auth import token_digest
+from serving.auth import read_token, token_digest
 from serving.errors import ConfigError
 from serving.models.registry import Registry
 from serving.settings import (
@@ -128,6 +128,7 @@ def serve_config(
     environment it runs in, and paths stay as the deployment file writes them."""
     if not portable:
         dep = dep.model_copy(update={"registry": dep.registry.resolve()})
+    feedback = read_token(settings, "feedback")
     apps: list[dict[str, Any]] = [
         {
             "name": GATEWAY_APP,
@@ -135,11 +136,16 @@ def serve_config(
             "import_path": "serving.app:gateway_app",
             "args": {
                 "settings": (
-                    {} if portable else settings.model_dump(mode="json", exclude={"admin_token"})
+                    {}
+                    if portable
+                    else settings.model_dump(mode="json", exclude={"admin_token", "feedback_token"})
                 ),
                 "deployment": dep.model_dump(mode="json", exclude_defaults=portable),
                 "admin_token_sha256": (
                     token_digest(admin_token) if admin_token and not portable else None
+                ),
+                "feedback_token_sha256": (
+                    token_digest(feedback) if feedback and not portable else None
                 ),
             },
             "deployments": [

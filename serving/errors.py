@@ -65,6 +65,14 @@ class Unauthenticated(ServingError):
     code = "unauthenticated"
 
 
+class Forbidden(ServingError):
+    """Authenticated, or holding a credential, that does not cover this resource."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    code = "forbidden"
+
+
 class NotFound(ServingError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND

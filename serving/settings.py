@@ -112,6 +112,11 @@ class Settings(BaseSettings):
 
     admin_token: str | None = None
     admin_token_file: Path = Path.home() / ".config" / "serving" / "admin-token"
+    # A trusted label source (a batch job joining outcomes) posts labels for any
+    # prediction with this bearer token; any other caller needs each answer's own
+    # feedback key. Never the admin token.
+    feedback_token: str | None = None
+    feedback_token_file: Path = Path.home() / ".config" / "serving" / "feedback-token"
 
     def runtime_options(self) -> dict[str, Any]:
         """How a model version's runtime is set up (serving.models.worker)."""

@@ -121,6 +121,7 @@ def up(
 
     try:
         dep = load_deployment(settings.config, settings.registry_dir)
+        ensure_token(settings, "feedback")  # the trusted label source's token file
         cfg = deploy.serve_config(
             settings, dep, ensure_token(settings), routed_versions(settings, list(dep.models))
         )
@@ -184,7 +185,8 @@ def up(
                 else f"gRPC port {settings.grpc_port} on each\n"
             )
             + ("" if joined else f"metrics http://127.0.0.1:{settings.metrics_port}/metrics\n")
-            + f"admin token file: {settings.admin_token_file}\nCtrl-C to stop."
+            + f"admin token file: {settings.admin_token_file}\n"
+            + f"feedback token file: {settings.feedback_token_file}\nCtrl-C to stop."
         )
         while not stop.wait(1.0):
             pass

@@ -1,10 +1,11 @@
 """What happens after a prediction, off the answer's critical work but inside its
 `record` stage: request metrics, per-arm rollout statistics, prediction records for
-delayed labels, drift windows and the shadow copy."""
+delayed labels, the durable prediction log, drift windows and the shadow copy."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,7 +39,25 @@ class RequestStats(ShadowStats, Protocol):
 class PredictionRecords(Protocol):
     """Prediction records kept for delayed labels (serving.observability.feedback)."""
 
-    def record(self, request_id: str, model: str, version: str, labels: np.ndarray) -> None: ...
+    def record(self, request_id: str, model: str, version: str, labels: np.ndarray) -> str: ...
+
+
+class PredictionLogSink(Protocol):
+    """The durable prediction log (serving.quality.predlog): memory only here."""
+
+    def prediction(
+        self,
+        request_id: str,
+        model: str,
+        version: str,
+        arm: str,
+        ts: float,
+        inputs: Arrays,
+        columns: dict[str, list[str] | None],
+        outputs: dict[str, Any],
+        latency_s: float,
+        degraded: bool,
+    ) -> None: ...
 
 
 class AfterPredict:
@@ -49,10 +68,12 @@ class AfterPredict:
         timeout_s: float,
         stats: RequestStats | None = None,
         records: PredictionRecords | None = None,
+        log: PredictionLogSink | None = None,
     ) -> None:
         self._router = router
         self._stats = stats
         self._records = records
+        self._log = log
         self.drift: dict[tuple[str, str], DriftMonitor | None] = {}
         self.shadow = ShadowSender(caller, stats, timeout_s)
 
@@ -82,9 +103,10 @@ class AfterPredict:
         result: ReplicaResult,
         timings: dict[str, float],
         degraded: list[str],
-    ) -> None:
-        """A successful answer: latency and stage metrics, prediction record, drift
-        window, and a shadow copy when this request is sampled for one."""
+    ) -> str:
+        """A successful answer: latency and stage metrics, prediction record and log
+        row, drift window, and a shadow copy when this request is sampled for one.
+        Returns the feedback key for the answer ("" when no record was made)."""
         m = metrics()
         m.latency.record(timings["total"], model, version, protocol)
         for stage, secs in timings.items():
@@ -92,8 +114,24 @@ class AfterPredict:
                 m.stage.record(secs, model, version, stage)
         if degraded:
             m.degraded.add(1, model, version, degraded[0].split(":")[1])
+        key = ""
         if record_id and self._records is not None and "label" in result.outputs:
-            self._records.record(record_id, model, version, np.asarray(result.outputs["label"]))
+            key = self._records.record(
+                record_id, model, version, np.asarray(result.outputs["label"])
+            )
+        if self._log is not None:
+            self._log.prediction(
+                record_id,
+                model,
+                version,
+                arm,
+                time.time(),
+                arrays,
+                {s.name: s.columns for s in manifest.inputs},
+                result.outputs,
+                timings["total"],
+                bool(degraded),
+            )
         monitor = self._drift_monitor(model, version, manifest)
         if monitor is not None:
             monitor.observe(arrays.get(manifest.inputs[0].name), result.outputs)
@@ -101,6 +139,7 @@ class AfterPredict:
             shadow = self._router.shadow_for(model)
             if shadow is not None and shadow != version:
                 self.shadow.send(model, shadow, manifest, arrays, result.outputs)
+        return key
 
     def _drift_monitor(self, model: str, version: str, m: Manifest) -> DriftMonitor | None:
         key = (model, version)

@@ -22,7 +22,12 @@ from serving.dataplane.decode import (
     validate_tensors,
 )
 from serving.dataplane.features import FeatureSource, FeatureStep
-from serving.dataplane.hooks import AfterPredict, PredictionRecords, RequestStats
+from serving.dataplane.hooks import (
+    AfterPredict,
+    PredictionLogSink,
+    PredictionRecords,
+    RequestStats,
+)
 from serving.dataplane.invoke import HandleFactory, VersionCaller
 from serving.dataplane.monitor import Accuracy, Monitor
 from serving.dataplane.replicas import ReplicaWatch
@@ -65,6 +70,9 @@ class Prediction:
     # Why default features were used ("<view>:<outcome>:<entity>"); empty when not.
     degraded: list[str] = field(default_factory=list)
     arm: Arm = "stable"
+    # What the client presents with a delayed label for this answer ("" when the
+    # answer keeps no prediction record: no `label` output).
+    feedback_key: str = ""
 
 
 class DataPlane:
@@ -78,6 +86,7 @@ class DataPlane:
         local: Mapping[tuple[str, str], Any] | None = None,
         stats: RequestStats | None = None,
         records: PredictionRecords | None = None,
+        log: PredictionLogSink | None = None,
         accuracy: Accuracy | None = None,
         features: FeatureSource | None = None,
         watch: ReplicaWatch | None = None,
@@ -94,7 +103,9 @@ class DataPlane:
         self.admission.on_shed = self._shed
         self.admission.close_refused = dep.ingress.num_replicas > 1
         self.features = FeatureStep(settings, features)
-        self.hooks = AfterPredict(router, self.caller, settings.request_timeout_s, stats, records)
+        self.hooks = AfterPredict(
+            router, self.caller, settings.request_timeout_s, stats, records, log
+        )
         self.monitor = Monitor(
             self.catalog,
             self.caller,
@@ -173,7 +184,7 @@ class DataPlane:
             "hop": max(t_end - t_decoded - result.queue_s - result.infer_s, 0.0),
             "total": t_end - t0,
         }
-        self.hooks.answered(
+        key = self.hooks.answered(
             req.record_id, model, v, arm, req.protocol, manifest, arrays, result, timings, degraded
         )
         # What the hooks cost (metrics, records, drift, shadow dispatch): a stage of its
@@ -182,7 +193,7 @@ class DataPlane:
         timings["record"] = time.perf_counter() - t_end
         timings["total"] = total + timings["record"]
         return Prediction(
-            result.outputs, manifest, model, v, result.batch_size, timings, degraded, arm
+            result.outputs, manifest, model, v, result.batch_size, timings, degraded, arm, key
         )
 
     async def _inputs(

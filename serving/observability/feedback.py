@@ -1,26 +1,31 @@
 """Delayed labels: prediction records, the label join and accuracy per version.
 
 Every answered prediction of a model with a `label` output leaves a short-lived record
-in Redis (serving.keys.prediction: model, version, predicted labels; TTL from
-settings). Records are buffered in memory and written in one pipeline every 50 ms, off
-the request path. Records Redis does not take (down, hung) stay buffered and go with the
-next write; only past MAX_PENDING buffered records are new ones dropped, and counted
-(`serving_dropped_rows_total`, kind `prediction_records`). Writing a record twice is
-harmless (HSET of the same value, EXPIRE).
+in Redis (serving.keys.prediction: model, version, predicted labels, a random feedback
+key; TTL from settings). The first record under a request id wins: a later prediction
+that reuses the id (a client may choose its ids) cannot take over its labels. Records
+are buffered in memory and written in one pipeline every 50 ms, off the request path.
+Records Redis does not take (down, hung) stay buffered and go with the next write; only
+past MAX_PENDING buffered records are new ones dropped, and counted
+(`serving_dropped_rows_total`, kind `prediction_records`).
 
 `POST /v1/feedback` joins labels with records: the first label for a request counts, a
-repeated identical one is a no-op, a different one is a conflict. Counts of labelled and
-correct predictions go to minute buckets per version (serving.keys.accuracy) for rolling
-accuracy, and to the rollout statistics so a canary's accuracy can be compared with
-stable's.
+repeated identical one is a no-op, a different one is a conflict. Each label carries the
+feedback key its answer gave (only who got the answer, or whom it told, can label it),
+unless the caller is the trusted label source (the feedback token). Counts of labelled
+and correct predictions go to minute buckets per version (serving.keys.accuracy) for
+rolling accuracy, and to the rollout statistics so a canary's accuracy can be compared
+with stable's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -31,7 +36,7 @@ from redis.exceptions import RedisError
 
 from serving import keys, redis_conn
 from serving.background import every
-from serving.errors import Conflict, InvalidInput, NotFound
+from serving.errors import Conflict, Forbidden, InvalidInput, NotFound
 from serving.features.resp import MultiplexedRedis, checked
 from serving.observability.metrics import metrics
 from serving.rollouts.stats import bucket_start
@@ -64,8 +69,9 @@ class FeedbackStore:
             self._client = redis_conn.client(self._url)
         return self._client
 
-    def record(self, request_id: str, model: str, version: str, labels: np.ndarray) -> None:
-        """Queue one prediction record (request path: memory only)."""
+    def record(self, request_id: str, model: str, version: str, labels: np.ndarray) -> str:
+        """Queue one prediction record (request path: memory only); the feedback key
+        the answer gives its client ("" when the record is dropped)."""
         if self._task is None:
             self._task = asyncio.create_task(
                 every(FLUSH_EVERY_S, self.flush, "writing prediction records")
@@ -81,9 +87,13 @@ class FeedbackStore:
         if len(self._pending) + self._sending >= MAX_PENDING:
             self.dropped += 1
             metrics().dropped_rows.add(1, "prediction_records")
-            return
-        doc = json.dumps({"model": model, "version": version, "pred": values, "ts": time.time()})
+            return ""
+        key = os.urandom(16).hex()
+        doc = json.dumps(
+            {"model": model, "version": version, "pred": values, "ts": time.time(), "k": key}
+        )
         self._pending.append((keys.prediction(self._ns, request_id), doc))
+        return key
 
     @property
     def buffered(self) -> int:
@@ -104,7 +114,7 @@ class FeedbackStore:
             else:
                 pipe = self._redis().pipeline(transaction=False)
                 for key, doc in pending:
-                    pipe.hset(key, mapping={"rec": doc})
+                    pipe.hsetnx(key, "rec", doc)
                     pipe.expire(key, self._ttl_s)
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
@@ -129,23 +139,28 @@ class FeedbackStore:
             await self._mux.aclose()
 
     async def label(
-        self, items: Sequence[tuple[str, Any]], timeout_s: float = LABEL_TIMEOUT_S
+        self,
+        items: Sequence[tuple[str, Any, str | None]],
+        trusted: bool = False,
+        timeout_s: float = LABEL_TIMEOUT_S,
     ) -> list[dict[str, Any]]:
-        """Join labels with their predictions, all or nothing: every id must exist and
-        every label fit its record (404, 422 or 409 naming the first that does not)
-        before any is stored or counted. Redis down or not answering within `timeout_s`
-        is a 503."""
+        """Join labels (request id, label, feedback key) with their predictions, all or
+        nothing: every id must exist, every key match its record unless `trusted`, and
+        every label fit (404, 403, 422 or 409 naming the first that does not) before any
+        is stored or counted. Redis down or not answering within `timeout_s` is a 503."""
         async with redis_conn.state_store("feedback", timeout_s):
-            return await self._label(items)
+            return await self._label(items, trusted)
 
-    async def _label(self, items: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+    async def _label(
+        self, items: Sequence[tuple[str, Any, str | None]], trusted: bool
+    ) -> list[dict[str, Any]]:
         await self.flush()  # this replica's own recent predictions are joinable at once
         r = self._redis()
         pipe = r.pipeline(transaction=False)
-        for rid, _ in items:
+        for rid, _, _ in items:
             pipe.hmget(keys.prediction(self._ns, rid), ["rec", "label"])
         docs = await pipe.execute()
-        missing = [rid for (rid, _), (rec, _) in zip(items, docs) if rec is None]
+        missing = [rid for (rid, _, _), (rec, _) in zip(items, docs) if rec is None]
         if missing:
             shown = ", ".join(repr(m) for m in missing[:10])
             raise NotFound(
@@ -154,8 +169,14 @@ class FeedbackStore:
         # Check every item before storing any.
         checked_items: list[tuple[str, dict[str, Any], list[Any], list[Any], str, bool]] = []
         given: dict[str, str] = {}
-        for (rid, label), (rec, old) in zip(items, docs):
+        for (rid, label, key), (rec, old) in zip(items, docs):
             record = json.loads(rec)
+            if not trusted and not hmac.compare_digest(str(record.get("k", "")), key or ""):
+                raise Forbidden(
+                    f"feedback_key does not match request {rid!r}: only the client that got "
+                    "the answer (or the trusted label source) may label it",
+                    field="feedback_key",
+                )
             pred = record["pred"]
             labels = label if isinstance(label, list) else [label]
             if len(labels) != len(pred):
@@ -233,4 +254,4 @@ class FeedbackStore:
 
 
 def _record(key: str, doc: str, ttl: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return ("HSET", key, "rec", doc), ("EXPIRE", key, ttl)
+    return ("HSETNX", key, "rec", doc), ("EXPIRE", key, ttl)

@@ -8,7 +8,6 @@ the timings with `RequestContext.close_stages` just before the answer leaves.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
@@ -123,26 +122,15 @@ def inbound_s(stamp: str | None, arrived: float) -> float | None:
     return max(inbound, 0.0)
 
 
-# Request ids: 80 random bits per process (drawn again in a forked child), then a
-# counter: as unique as uuid4 across processes and restarts, without a system call per
-# request.
-_ID_PREFIX = ""
-_ID_COUNTER = itertools.count(1)
-
-
-def _new_id_prefix() -> None:
-    global _ID_PREFIX, _ID_COUNTER
-    _ID_PREFIX, _ID_COUNTER = os.urandom(10).hex(), itertools.count(1)
-
-
-_new_id_prefix()
-os.register_at_fork(after_in_child=_new_id_prefix)
-
-
 def new_request_id() -> str:
-    """A fresh request id, 32 hex digits (the shape of uuid4().hex)."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
+    """A fresh request id: 128 bits from the OS's CSPRNG as 32 hex digits (the shape of
+    uuid4().hex). Unguessable, not a counter: knowing one id tells nothing of another's."""
+    return os.urandom(16).hex()
 
+
+# The answer's feedback key (HTTP header, gRPC trailing metadata): what a delayed label
+# for the answer presents (serving.observability.feedback).
+FEEDBACK_KEY = "x-serving-feedback-key"
 
 MAX_REQUEST_ID = 128
 # Checked on every request (twice on the direct HTTP path): a compiled match, not a loop.

@@ -29,7 +29,13 @@ from serving.proto import grpc_predict_v2_pb2 as pb
 from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.settings import Settings
 from serving.transport import oip
-from serving.transport.context import REQUEST_ID, RequestContext, given_request_id, server_timing
+from serving.transport.context import (
+    FEEDBACK_KEY,
+    REQUEST_ID,
+    RequestContext,
+    given_request_id,
+    server_timing,
+)
 from serving.transport.errors import to_grpc
 from serving.transport.grpc_h2 import H2GrpcServer
 
@@ -181,7 +187,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         response = pb.ModelInferResponse(
             model_name=pred.model, model_version=pred.version, id=request.id
         )
-        _set_parameters(response.parameters, oip.degraded_parameters(pred))
+        _set_parameters(response.parameters, oip.answer_parameters(pred))
         # Raw answers raw, as Triton does; FP16 has no typed contents field.
         raw = bool(request.raw_input_contents) or any(o.datatype == "FP16" for o in outputs)
         for o in outputs:
@@ -198,6 +204,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 (REQUEST_ID, ctx.request_id),
                 ("server-timing", server_timing(pred.timings)),
                 ("x-serving-batch-size", str(pred.batch_size)),
+                *(((FEEDBACK_KEY, pred.feedback_key),) if pred.feedback_key else ()),
             )
         )
         return response

@@ -25,6 +25,7 @@ def build_http_app(
     settings: Settings,
     *,
     admin_digest: str | None,
+    feedback_digest: str | None = None,
     rollouts: rest_admin.Rollouts | None = None,
     labels: rest_v1.Labels | None = None,
     reconfigure: rest_admin.Reconfigure | None = None,
@@ -45,7 +46,7 @@ def build_http_app(
         app.add_exception_handler(cls, answer_error)
 
     fast = FastRoutes()
-    app.include_router(rest_v1.build_router(plane, settings, fast, labels))
+    app.include_router(rest_v1.build_router(plane, settings, fast, labels, feedback_digest))
     app.include_router(
         rest_admin.build_router(
             plane, settings, admin_digest=admin_digest, rollouts=rollouts, reconfigure=reconfigure

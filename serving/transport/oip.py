@@ -400,8 +400,13 @@ def outputs(pred: Prediction, requested: Sequence[str] | None) -> list[OutputTen
     ]
 
 
-def degraded_parameters(pred: Prediction) -> dict[str, Any]:
-    """Response parameters saying a degraded answer is one (empty when it is not)."""
-    if not pred.degraded:
-        return {}
-    return {"degraded": True, "degraded_reasons": ";".join(pred.degraded)}
+def answer_parameters(pred: Prediction) -> dict[str, Any]:
+    """Response parameters: the feedback key a delayed label presents, and whether the
+    answer is degraded (empty when neither applies)."""
+    params: dict[str, Any] = {}
+    if pred.feedback_key:
+        params["feedback_key"] = pred.feedback_key
+    if pred.degraded:
+        params["degraded"] = True
+        params["degraded_reasons"] = ";".join(pred.degraded)
+    return params

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -11,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from serving.auth import token_digest
+from serving.auth import bearer_ok
 from serving.dataplane import DataPlane
 from serving.errors import MalformedRequest, ServingError, Unauthenticated
 from serving.settings import BatchingOverride, Settings
@@ -45,12 +44,7 @@ def build_router(
     router = APIRouter(tags=["admin"])
 
     def check(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if (
-            admin_digest is None
-            or scheme.lower() != "bearer"
-            or not hmac.compare_digest(token_digest(token).encode(), admin_digest.encode())
-        ):
+        if not bearer_ok(request.headers.get("authorization", ""), admin_digest):
             raise Unauthenticated("admin API needs 'Authorization: Bearer <token>'")
 
     def available(what: str, part: Any) -> Any:

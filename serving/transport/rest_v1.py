@@ -14,11 +14,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from serving.auth import bearer_ok
 from serving.dataplane import DataPlane, Prediction
-from serving.errors import InvalidInput, MalformedRequest, ServingError
+from serving.errors import InvalidInput, MalformedRequest, ServingError, Unauthenticated
 from serving.models.registry import TensorSpec
 from serving.settings import Settings
 from serving.transport import http
+from serving.transport.context import FEEDBACK_KEY
 from serving.transport.errors import to_http
 from serving.transport.http import FastRoutes, json_response, read_json
 
@@ -47,7 +49,9 @@ class PredictResponse(BaseModel):
 class Labels(Protocol):
     """Joins delayed labels with prediction records (serving.observability.feedback)."""
 
-    async def label(self, items: list[tuple[str, Any]]) -> list[dict[str, Any]]: ...
+    async def label(
+        self, items: list[tuple[str, Any, str | None]], trusted: bool = False
+    ) -> list[dict[str, Any]]: ...
 
 
 def error_response(request: Request, exc: Exception) -> Response:
@@ -81,7 +85,11 @@ def encode_predictions(specs: list[TensorSpec], outputs: dict[str, Any]) -> list
 
 
 def build_router(
-    plane: DataPlane, settings: Settings, fast: FastRoutes, labels: Labels | None
+    plane: DataPlane,
+    settings: Settings,
+    fast: FastRoutes,
+    labels: Labels | None,
+    feedback_digest: str | None = None,
 ) -> APIRouter:
     """The v1 routes; the two predict routes are also added to `fast`."""
     router = APIRouter()
@@ -166,12 +174,25 @@ def build_router(
 
     @router.post("/v1/feedback", tags=["feedback"])
     async def feedback(request: Request) -> Response:
-        """Delayed labels: `{"request_id": "...", "label": 1}` or a list of them (a
-        multi-instance request takes a list of labels). Unknown or expired ids: 404."""
-        pairs = _label_pairs(await read_json(request, settings.max_body_bytes))
+        """Delayed labels: `{"request_id": "...", "label": 1, "feedback_key": "..."}` or a
+        list of them (a multi-instance request takes a list of labels). The key is the
+        one the answer gave; the trusted label source sends `Authorization: Bearer
+        <feedback token>` instead. Unknown or expired ids: 404; a key that does not
+        match: 403; neither key nor token: 401."""
+        items = _label_items(await read_json(request, settings.max_body_bytes))
         if labels is None:
             raise ServingError("feedback is not available in this process")
-        return json_response({"results": await labels.label(pairs)})
+        authorization = request.headers.get("authorization", "")
+        trusted = bearer_ok(authorization, feedback_digest)
+        if authorization and not trusted:
+            raise Unauthenticated("the bearer token is not the feedback token")
+        if not trusted and any(key is None for _, _, key in items):
+            raise Unauthenticated(
+                "each label needs the 'feedback_key' its answer gave (the x-serving-"
+                "feedback-key header), or 'Authorization: Bearer <feedback token>'",
+                field="feedback_key",
+            )
+        return json_response({"results": await labels.label(items, trusted)})
 
     return router
 
@@ -202,6 +223,8 @@ def _answer(pred: Prediction, request_id: str) -> dict[str, Any]:
         "arm": pred.arm,
         "request_id": request_id,
     }
+    if pred.feedback_key:
+        body["feedback_key"] = pred.feedback_key
     if pred.degraded:
         body["degraded"] = True
         body["degraded_reasons"] = pred.degraded
@@ -209,7 +232,10 @@ def _answer(pred: Prediction, request_id: str) -> dict[str, Any]:
 
 
 def _headers(pred: Prediction) -> dict[str, str]:
-    return {"x-serving-batch-size": str(pred.batch_size)}
+    headers = {"x-serving-batch-size": str(pred.batch_size)}
+    if pred.feedback_key:
+        headers[FEEDBACK_KEY] = pred.feedback_key
+    return headers
 
 
 def _status(version: str, ready: bool) -> dict[str, Any]:
@@ -220,10 +246,11 @@ def _status(version: str, ready: bool) -> dict[str, Any]:
     }
 
 
-def _label_pairs(body: Any) -> list[tuple[str, Any]]:
-    """(request id, label or labels) per item of a feedback body, validated."""
+def _label_items(body: Any) -> list[tuple[str, Any, str | None]]:
+    """(request id, label or labels, feedback key or None) per item of a feedback
+    body, validated."""
     items = body if isinstance(body, list) else [body]
-    pairs: list[tuple[str, Any]] = []
+    pairs: list[tuple[str, Any, str | None]] = []
     for i, item in enumerate(items):
         where = f"[{i}]" if isinstance(body, list) else ""
         if not isinstance(item, dict) or "request_id" not in item or "label" not in item:
@@ -239,7 +266,12 @@ def _label_pairs(body: Any) -> list[tuple[str, Any]]:
                 f"body{where}: request_id must be a string and label an integer class",
                 field=f"{where}label",
             )
-        pairs.append((rid, label))
+        key = item.get("feedback_key")
+        if key is not None and not isinstance(key, str):
+            raise InvalidInput(
+                f"body{where}: feedback_key must be a string", field=f"{where}feedback_key"
+            )
+        pairs.append((rid, label, key))
     if not pairs:
         raise MalformedRequest("no labels given")
     return pairs

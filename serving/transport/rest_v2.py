@@ -24,6 +24,7 @@ from serving.errors import MalformedRequest
 from serving.models.registry import Arrays
 from serving.settings import Settings
 from serving.transport import http, oip
+from serving.transport.context import FEEDBACK_KEY
 from serving.transport.errors import to_http
 from serving.transport.http import FastRoutes, json_response, parse_json, read_body
 
@@ -225,7 +226,7 @@ def build_router(plane: DataPlane, settings: Settings, fast: FastRoutes) -> APIR
         answer: dict[str, Any] = {"model_name": pred.model, "model_version": pred.version}
         if req.id:
             answer["id"] = req.id
-        params = oip.degraded_parameters(pred)
+        params = oip.answer_parameters(pred)
         if params:
             answer["parameters"] = params
         answer["outputs"] = tensors
@@ -234,6 +235,8 @@ def build_router(plane: DataPlane, settings: Settings, fast: FastRoutes) -> APIR
             "server-timing": http.timing_header(request, ctx, pred.timings, encode_started),
             "x-serving-batch-size": str(pred.batch_size),
         }
+        if pred.feedback_key:
+            headers[FEEDBACK_KEY] = pred.feedback_key
         if not blobs:
             return Response(js, media_type="application/json", headers=headers)
         headers["inference-header-content-length"] = str(len(js))

@@ -19,8 +19,9 @@ import yaml
 
 from tests.conftest import RedisServer, free_port
 
-__all__ = ["TOKEN", "GatewayUnderTest", "free_port"]
+__all__ = ["FEEDBACK_TOKEN", "TOKEN", "GatewayUnderTest", "free_port"]
 TOKEN = "e2e-admin-token"
+FEEDBACK_TOKEN = "e2e-feedback-token"
 # v4slow / scaleme: seconds per batch, well above the 200 ms p99 and 100 ms SLO that
 # the rollout and autoscaling tests hold them to.
 SLOW_BATCH_S = 0.4
@@ -237,6 +238,7 @@ def gateway(
         http_port=free_port(),
         ray_proxy_port=ray_serve.proxy_port,
         admin_token=TOKEN,
+        feedback_token=FEEDBACK_TOKEN,
         grpc_port=free_port(),
         redis_url=redis_server.url,
         # Generous for a loaded 2-core CI machine; the fault test checks the bound.

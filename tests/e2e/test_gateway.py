@@ -132,7 +132,7 @@ def test_redis_down_then_back(gateway: GatewayUnderTest) -> None:
         )
         assert _error(r, 503)["code"] == "state_store_unavailable"
         assert r.headers["retry-after"] == "1"
-        r = post(gateway, "/v1/feedback", {"request_id": "any", "label": 1})
+        r = post(gateway, "/v1/feedback", {"request_id": "any", "label": 1, "feedback_key": "k"})
         assert _error(r, 503)["code"] == "state_store_unavailable"
     finally:
         gateway.redis.start()

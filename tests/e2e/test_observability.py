@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
-from tests.e2e.conftest import GatewayUnderTest
+from tests.e2e.conftest import FEEDBACK_TOKEN, TOKEN, GatewayUnderTest
 from tests.e2e.test_gateway import records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,20 +49,32 @@ def monitoring(gw: GatewayUnderTest, model: str, version: str) -> dict[str, Any]
     return result
 
 
-def feedback(gw: GatewayUnderTest, body: Any) -> httpx.Response:
-    return httpx.post(f"{gw.url}/v1/feedback", json=body, timeout=30)
+def feedback(gw: GatewayUnderTest, body: Any, token: str | None = None) -> httpx.Response:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(f"{gw.url}/v1/feedback", json=body, headers=headers, timeout=30)
 
 
 def test_accuracy_equals_the_fraction_from_the_labels_sent(gateway: GatewayUnderTest) -> None:
     x = np.load(gateway.registry / "digits" / "heldout.npz")["X"]
-    sent: list[tuple[str, int]] = []
+    sent: list[tuple[str, int, str]] = []
     for i in range(40):
         r = predict(gateway, "digits", "v1", [x[i].tolist()])
-        sent.append((r.json()["request_id"], r.json()["predictions"][0]["label"]))
+        answer = r.json()
+        assert answer["feedback_key"] == r.headers["x-serving-feedback-key"]
+        sent.append(
+            (answer["request_id"], answer["predictions"][0]["label"], answer["feedback_key"])
+        )
+    # Without the answer's key (or the feedback token) nobody labels a prediction:
+    # neither with no key, nor another answer's key, nor the admin token.
+    rid0, pred0, key0 = sent[0]
+    assert feedback(gateway, {"request_id": rid0, "label": pred0}).status_code == 401
+    r = feedback(gateway, {"request_id": rid0, "label": pred0, "feedback_key": sent[1][2]})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+    assert feedback(gateway, {"request_id": rid0, "label": pred0}, TOKEN).status_code == 401
     # Label 30 correctly and 10 wrongly: accuracy must be exactly 0.75.
     body = [
-        {"request_id": rid, "label": pred if i < 30 else (pred + 1) % 10}
-        for i, (rid, pred) in enumerate(sent)
+        {"request_id": rid, "label": pred if i < 30 else (pred + 1) % 10, "feedback_key": key}
+        for i, (rid, pred, key) in enumerate(sent)
     ]
     r = feedback(gateway, body)
     assert r.status_code == 200, r.text
@@ -72,12 +84,17 @@ def test_accuracy_equals_the_fraction_from_the_labels_sent(gateway: GatewayUnder
     # Repeating a label is idempotent; a different one is a conflict.
     again = feedback(gateway, body[0])
     assert again.status_code == 200 and again.json()["results"][0]["duplicate"] is True
-    other = feedback(gateway, {"request_id": sent[0][0], "label": (sent[0][1] + 3) % 10})
+    other = feedback(gateway, {"request_id": rid0, "label": (pred0 + 3) % 10, "feedback_key": key0})
+    assert other.status_code == 409
+    # The trusted label source (the feedback token) needs no key: same conflict.
+    other = feedback(gateway, {"request_id": rid0, "label": (pred0 + 3) % 10}, FEEDBACK_TOKEN)
     assert other.status_code == 409
     assert monitoring(gateway, "digits", "v1")["accuracy"]["5m"] == pytest.approx(0.75)
     # Unknown (or expired) ids: 404 naming the id, and nothing applied.
     r = feedback(
-        gateway, [{"request_id": sent[1][0], "label": 1}, {"request_id": "no-such-id", "label": 1}]
+        gateway,
+        [{"request_id": sent[1][0], "label": 1}, {"request_id": "no-such-id", "label": 1}],
+        FEEDBACK_TOKEN,
     )
     assert r.status_code == 404 and "no-such-id" in r.json()["error"]["message"]
     r = feedback(gateway, {"request_id": 5})
@@ -303,7 +320,7 @@ def test_every_dashboard_query_returns_data(gateway: GatewayUnderTest, prometheu
         "v1",
         np.load(gateway.registry / "digits" / "heldout.npz")["X"][:1].tolist(),
     ).json()["request_id"]
-    feedback(gateway, {"request_id": rid, "label": 1})
+    feedback(gateway, {"request_id": rid, "label": 1}, FEEDBACK_TOKEN)
     # Gauges are published every few seconds and scraped every second: poll all the
     # queries together until each has returned data once.
     pending = dict.fromkeys(dashboard_queries())

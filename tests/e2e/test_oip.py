@@ -403,11 +403,13 @@ def test_grpc_answers_carry_the_id_their_labels_join_under(gateway: GatewayUnder
 
     def label(rid: str, resp: Any) -> httpx.Response:
         pred = {o.name: o for o in resp.outputs}["label"].contents.int64_contents[0]
-        body = {"request_id": rid, "label": int(pred)}
+        key = resp.parameters["feedback_key"].string_param
+        body = {"request_id": rid, "label": int(pred), "feedback_key": key}
         return httpx.post(f"{gateway.url}/v1/feedback", json=body, timeout=30)
 
     resp, trailing = infer("", ())
     assert resp.id == "" and trailing["x-request-id"]
+    assert trailing["x-serving-feedback-key"] == resp.parameters["feedback_key"].string_param
     r = label(trailing["x-request-id"], resp)
     assert r.status_code == 200 and r.json()["results"][0]["correct"] == 1, r.text
 

@@ -66,7 +66,16 @@ def test_ids_are_32_hex_digits_and_unique() -> None:
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
-def test_a_forked_child_draws_its_own_prefix() -> None:
+def test_ids_are_not_guessable_from_the_previous_one() -> None:
+    """Random throughout, not a prefix plus a counter: consecutive ids share no prefix
+    or suffix beyond chance (a counter kept the first 20 digits the same)."""
+    pairs = [(new_request_id(), new_request_id()) for _ in range(200)]
+    assert sum(a[:8] == b[:8] for a, b in pairs) == 0
+    assert sum(a[-8:] == b[-8:] for a, b in pairs) == 0
+    assert sum(int(b, 16) - int(a, 16) == 1 for a, b in pairs) == 0
+
+
+def test_a_forked_child_draws_its_own_ids() -> None:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: report one id and leave at once
