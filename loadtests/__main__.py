@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="environment for the Ray cluster, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
     )
+    p.add_argument(
+        "--log-dsn",
+        default=None,
+        metavar="DSN",
+        help="run the gateway with the PostgreSQL prediction log on (SERVING_LOG_DSN)",
+    )
     a = p.parse_args(argv)
     opts = Options(
         out=a.out,
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         systems=a.systems,
         ray_env=dict(a.ray_env),
         slo_ms=a.slo_ms,
+        log_dsn=a.log_dsn,
     )
     try:
         run(opts)

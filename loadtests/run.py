@@ -129,6 +129,7 @@ class Options:
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     ray_env: dict[str, str] = field(default_factory=dict)
     slo_ms: float = 50.0
+    log_dsn: str | None = None  # the gateway's prediction log (None: off)
 
 
 class Progress:
@@ -816,6 +817,7 @@ def run(opts: Options) -> dict[str, Any]:
             "plan": asdict(plan),
             "systems": {s: SYSTEMS[s] for s in opts.systems},
             "ray_env": opts.ray_env,
+            "prediction_log": "on" if opts.log_dsn else "off",
             "ray_num_cpus": RAY_NUM_CPUS,
         },
         "generator": None,
@@ -983,7 +985,16 @@ def _start(
         env.admin_token = secrets.token_hex(16)
         progress(f"ray started ({RAY_NUM_CPUS} logical CPUs), serve proxy on port {port}")
         meta["serve_config"] = _deploy(
-            env, registry, systems, scenarios, redis_url, namespace, fraud_v, digits_v, progress
+            env,
+            registry,
+            systems,
+            scenarios,
+            redis_url,
+            namespace,
+            fraud_v,
+            digits_v,
+            progress,
+            opts.log_dsn,
         )
     if uvicorn is not None:
         uvicorn.wait_ready(f"http://127.0.0.1:{env.ports['uvicorn']}/healthz")
@@ -1001,6 +1012,7 @@ def _deploy(
     fraud_v: str,
     digits_v: str,
     progress: Progress,
+    log_dsn: str | None = None,
 ) -> dict[str, Any]:
     """The gateway's applications and the naive one from one declarative Serve config,
     deployed together; returns the config (less the admin token) for the report."""
@@ -1021,6 +1033,7 @@ def _deploy(
             redis_url=redis_url,
             redis_namespace=namespace,
             registry_dir=registry,
+            log_dsn=log_dsn,
         )
         dep = gateway_deployment(scenarios, registry)
         config = deploy.serve_config(settings, dep, env.admin_token)
@@ -1045,8 +1058,13 @@ def _deploy(
     for url in ready:
         _wait_http(url, 120, None, url)
     progress("all Serve applications running and ready")
-    apps = [
-        {**app, "args": {k: v for k, v in app["args"].items() if k != "admin_token_sha256"}}
-        for app in config["applications"]
-    ]
-    return {"applications": apps}
+    return {"applications": [_shown(app) for app in config["applications"]]}
+
+
+def _shown(app: dict[str, Any]) -> dict[str, Any]:
+    """An application's config as the report shows it: no token digests, no DSN (it
+    may hold a password)."""
+    args = {k: v for k, v in app["args"].items() if not k.endswith("_token_sha256")}
+    if isinstance(args.get("settings"), dict) and args["settings"].get("log_dsn"):
+        args["settings"] = {**args["settings"], "log_dsn": "(set)"}
+    return {**app, "args": args}

@@ -20,7 +20,7 @@ from ray.exceptions import RayTaskError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from serving import deploy
+from serving import deploy, redis_conn
 from serving.auth import read_token, token_digest
 from serving.dataplane import DataPlane
 from serving.dataplane.invoke import ReplicaHandle
@@ -28,10 +28,13 @@ from serving.dataplane.replicas import ReplicaWatch
 from serving.dataplane.routing import served_versions
 from serving.errors import ConfigError, InvalidInput, NotReady, ServingError
 from serving.listeners import keep_replica_grpc_on_loopback
+from serving.models.mlflow_source import MlflowUnavailable, is_mlflow_uri, rollout_body
 from serving.models.registry import Registry
 from serving.models.replica import ModelReplica
 from serving.models.worker import ModelWorker
 from serving.observability.feedback import FeedbackStore
+from serving.quality.predlog import PredictionLog
+from serving.quality.retrain import Retrainer
 from serving.rollouts.controller import RolloutController
 from serving.rollouts.view import RolloutView
 from serving.settings import BatchingOverride, DeploymentFile, Settings
@@ -80,7 +83,13 @@ class Gateway:
             s.redis_url, s.redis_namespace, {m: cfg.default for m, cfg in self._dep.models.items()}
         )
         self._control = control
-        self._feedback = FeedbackStore(s.redis_url, s.redis_namespace, s.prediction_ttl_s)
+        # The durable prediction and label log, when a PostgreSQL DSN is set.
+        self._log = (
+            PredictionLog(s.log_dsn, s.log_sample_rate, s.log_max_buffer) if s.log_dsn else None
+        )
+        self._feedback = FeedbackStore(
+            s.redis_url, s.redis_namespace, s.prediction_ttl_s, self._log
+        )
         # Fused versions run here, warmed before this replica reports healthy.
         self._local = {
             (m, v): _fused_worker(s, self._dep, m, v)
@@ -96,6 +105,7 @@ class Gateway:
             local=self._local,
             stats=self._rollouts.stats.recorder,
             records=self._feedback,
+            log=self._log,
             accuracy=self._feedback,
             watch=(
                 ReplicaWatch("ModelReplica", deploy.model_app_name)
@@ -168,7 +178,9 @@ class Gateway:
                 DirectHttpServer(app, s.http_host, s.http_port, self._plane.admission, limits)
             )
         lifespan = with_servers(
-            app.router.lifespan_context, servers, _Background(self._rollouts, self._plane)
+            app.router.lifespan_context,
+            servers,
+            _Background(self._rollouts, self._plane, self._log),
         )
         app.router.lifespan_context = lifespan
         return app
@@ -212,6 +224,29 @@ class _Rollouts:
         result: dict[str, Any] = await _call(self._control.run, model, action, body)
         return result
 
+    async def retrain(self, model: str, action: str) -> Any:
+        return await _call(self._control.retrain, model, action)
+
+
+async def _mlflow_source(
+    dep: DeploymentFile, s: Settings, model: str, action: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """A rollout command naming an MLflow model version (`"to": "models:/fraud@challenger"`,
+    or a shadow's `version`): the version is imported into the registry as `m<number>`
+    unless there, and the command names that version, with the URI as `source`
+    (serving.models.mlflow_source.rollout_body). Any other command passes unchanged."""
+    key = {"start": "to", "shadow": "version"}.get(action)
+    if key is None or not is_mlflow_uri(body.get(key)):
+        return body
+    try:
+        return await asyncio.to_thread(
+            rollout_body, body, key, dep.registry, model, s.mlflow_tracking_uri
+        )
+    except MlflowUnavailable as exc:
+        raise NotReady(str(exc)) from None
+    except ConfigError as exc:
+        raise InvalidInput(str(exc), field=key) from None
+
 
 async def _call(method: Any, *args: Any) -> Any:
     """A call to the control plane; a ServingError raised there is raised here."""
@@ -244,9 +279,26 @@ class RolloutControl:
         )
         await self._ctl.ensure_started()
         self._batching_lock = asyncio.Lock()
+        # Retraining policies, acted on while this replica leads the analysis.
+        self._retrainer = Retrainer(
+            redis_conn.client(s.redis_url), s.redis_namespace, self._dep, self._ctl, s.log_dsn
+        )
+        await self._retrainer.ensure_started()
 
     async def run(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        body = await _mlflow_source(self._dep, self._settings, model, action, body)
         return await self._ctl.run(model, action, body)
+
+    async def retrain(self, model: str, action: str) -> Any:
+        """`status`, `history` or `run` (serving.quality.retrain)."""
+        async with redis_conn.state_store("retrain", 5.0):
+            if action == "status":
+                return await self._retrainer.status(model)
+            if action == "history":
+                return await self._retrainer.history(model)
+            if action == "run":
+                return await self._retrainer.run(model)
+        raise InvalidInput(f"unknown retrain action {action!r}", field="action")
 
     async def update_batching(self, model: str, version: str, change: dict[str, Any]) -> None:
         async with self._batching_lock:
@@ -254,6 +306,7 @@ class RolloutControl:
             await asyncio.to_thread(deploy.update_batching, model, version, override)
 
     async def __del__(self) -> None:
+        await self._retrainer.close()
         await self._ctl.close()
 
     async def _deploy_versions(self, model: str, versions: list[str]) -> None:
@@ -288,9 +341,12 @@ class _Background:
     the servers take requests; on the way out, after they stopped, those and the data
     plane's connections to replicas."""
 
-    def __init__(self, rollouts: RolloutView, plane: DataPlane) -> None:
+    def __init__(
+        self, rollouts: RolloutView, plane: DataPlane, log: PredictionLog | None = None
+    ) -> None:
         self._rollouts = rollouts
         self._plane = plane
+        self._log = log
         self._probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -302,6 +358,8 @@ class _Background:
             self._probe.cancel()
         await self._rollouts.close()
         self._plane.caller.close()
+        if self._log is not None:  # what is still buffered, within its deadline
+            await self._log.close()
 
 
 def _fused_worker(s: Settings, dep: DeploymentFile, model: str, version: str) -> ModelWorker:

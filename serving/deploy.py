@@ -104,6 +104,20 @@ def model_app_config(
     }
 
 
+def resolved(dep: DeploymentFile) -> DeploymentFile:
+    """The deployment with its paths made absolute against this process's directory
+    (the registry, each retrain command's working directory): what replicas on any
+    node, started anywhere, must be given."""
+    models = {}
+    for name, mcfg in dep.models.items():
+        if mcfg.retrain is not None:
+            workdir = (mcfg.retrain.workdir or Path(".")).resolve()
+            retrain = mcfg.retrain.model_copy(update={"workdir": workdir})
+            mcfg = mcfg.model_copy(update={"retrain": retrain})
+        models[name] = mcfg
+    return dep.model_copy(update={"registry": dep.registry.resolve(), "models": models})
+
+
 def version_config(dep: DeploymentFile, model: str, version: str) -> VersionConfig:
     """A version's deployment settings: its own, else those of the model's default."""
     versions = dep.models[model].versions
@@ -127,7 +141,7 @@ def serve_config(
     each replica reads SERVING_* (Redis URL, registry, admin token, ports) from the
     environment it runs in, and paths stay as the deployment file writes them."""
     if not portable:
-        dep = dep.model_copy(update={"registry": dep.registry.resolve()})
+        dep = resolved(dep)
     feedback = read_token(settings, "feedback")
     apps: list[dict[str, Any]] = [
         {

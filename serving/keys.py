@@ -14,6 +14,9 @@ share one Redis:
     <ns>:stats-batch:<id>                 marks a statistics batch applied (exactly once)
     <ns>:pred:<request id>                hash: a prediction record awaiting its label
     <ns>:acc:<model>:<version>:<minute>   hash: labelled / correct counts of one minute
+    <ns>:psi:<model>:<version>            hash: ingress replica -> its latest feature PSIs
+    <ns>:retrain:<model>                  JSON: the model's latest retraining run
+    <ns>:retrain:<model>:history          list of JSON retraining runs, newest first
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ STATS_TTL_S = 3600  # per-arm statistics buckets; also the `analyzed` stamp and 
 ACCURACY_TTL_S = 2 * 24 * 3600  # accuracy minute buckets (the 1 h window, a day back)
 LEADER_TTL_MS = 5000  # the analysis leader lock, renewed while the leader lives
 HISTORY_MAX = 200  # rollout decisions kept per model (a list, trimmed; not a TTL)
+PSI_TTL_S = 60  # a version's published PSIs (refreshed every few seconds by each replica)
 # Prediction records live `SERVING_PREDICTION_TTL_S` (settings): how long labels may lag.
 
 
@@ -67,3 +71,15 @@ def prediction(ns: str, request_id: str) -> str:
 
 def accuracy(ns: str, model: str, version: str, minute: int) -> str:
     return f"{ns}:acc:{model}:{version}:{minute}"
+
+
+def psi(ns: str, model: str, version: str) -> str:
+    return f"{ns}:psi:{model}:{version}"
+
+
+def retrain(ns: str, model: str) -> str:
+    return f"{ns}:retrain:{model}"
+
+
+def retrain_history(ns: str, model: str) -> str:
+    return f"{ns}:retrain:{model}:history"

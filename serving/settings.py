@@ -17,6 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.errors import ConfigError
+from serving.quality.policy import RetrainPolicy
 
 
 class Settings(BaseSettings):
@@ -96,6 +97,13 @@ class Settings(BaseSettings):
 
     # Prediction records kept for joining delayed labels (POST /v1/feedback).
     prediction_ttl_s: float = 24 * 3600.0
+    # The durable prediction and label log (serving.quality.predlog): a PostgreSQL DSN
+    # (None: no log), the share of requests logged (decided per request id, so a
+    # request is logged whole or not; labels are always logged) and the rows an ingress
+    # replica buffers while PostgreSQL is slow or down (beyond: dropped and counted).
+    log_dsn: str | None = None
+    log_sample_rate: float = Field(default=1.0, ge=0, le=1)
+    log_max_buffer: int = Field(default=50_000, ge=1)
     # Ray's per-node metrics endpoint (every replica on the node), for Prometheus.
     metrics_port: int = 8080
 
@@ -112,6 +120,9 @@ class Settings(BaseSettings):
 
     admin_token: str | None = None
     admin_token_file: Path = Path.home() / ".config" / "serving" / "admin-token"
+    # Where `models:/...` sources are imported from (serving.models.mlflow_source).
+    # None: MLflow's own MLFLOW_TRACKING_URI.
+    mlflow_tracking_uri: str | None = None
     # A trusted label source (a batch job joining outcomes) posts labels for any
     # prediction with this bearer token; any other caller needs each answer's own
     # feedback key. Never the admin token.
@@ -208,6 +219,12 @@ class VersionConfig(BaseModel):
     warmup: WarmupConfig | None = None
     # Ray Serve queues without bound by default; a bound turns overload into a fast 503.
     max_queued_requests: int = Field(default=256, ge=1)
+    # An MLflow model version (models:/NAME/VERSION, models:/NAME@ALIAS) that `serving up`
+    # imports as this one, with these manifest keys over its tags; allow_pickle: trust it
+    # with a scikit-learn model (unpickled to convert). See serving.models.mlflow_source.
+    source: str | None = Field(default=None, pattern=r"^models:/[^/@]+(/[0-9]+|@[\w-]+)$")
+    manifest: dict[str, Any] = Field(default_factory=dict)
+    allow_pickle: bool = False
 
     @model_validator(mode="after")
     def _fused_scales_with_ingress(self) -> VersionConfig:
@@ -221,6 +238,7 @@ class ModelConfig(BaseModel):
 
     default: str
     versions: dict[str, VersionConfig]
+    retrain: RetrainPolicy | None = None
 
     @model_validator(mode="after")
     def _default_is_served(self) -> ModelConfig:
@@ -266,6 +284,8 @@ class DeploymentFile(BaseModel):
     feature_tables: list[FeatureTable] = Field(default_factory=list)
     ingress: IngressConfig = IngressConfig()
     models: dict[str, ModelConfig]
+    # Retraining commands running at once, all models together (the rest wait).
+    retrain_max_concurrent: int = Field(default=1, ge=1)
 
 
 def _format_validation_error(source: str, exc: ValidationError) -> str:

@@ -1,4 +1,5 @@
-"""`serving` command line: up, serve, predict, health, models, rollout, features, config, redis."""
+"""`serving` command line: up, serve, predict, health, models, rollout, retrain, features,
+config, redis, log."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from serving.cli import demo, features, health, models, predict, rollout, up
+from serving.cli import demo, features, health, log, models, predict, retrain, rollout, up
 
 app = typer.Typer(
     help="Low-latency model serving gateway.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -41,7 +42,9 @@ app.add_typer(up.config_app, name="config")
 app.add_typer(up.redis_app, name="redis")
 app.add_typer(features.features_app, name="features")
 app.add_typer(rollout.rollout_app, name="rollout")
+app.add_typer(retrain.retrain_app, name="retrain")
 app.add_typer(demo.demo_app, name="demo")
+app.add_typer(log.log_app, name="log")
 
 
 def main() -> None:

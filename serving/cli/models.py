@@ -1,15 +1,28 @@
-"""`serving models`: list the served models; show or change a version's batching."""
+"""`serving models`: list the served models; show or change a version's batching;
+import a version from an MLflow registry."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from serving.cli.common import UrlOpt, admin_headers, cli_settings, console, request, show_error
+from serving.cli.common import (
+    ConfigOpt,
+    UrlOpt,
+    admin_headers,
+    cli_settings,
+    console,
+    fail,
+    request,
+    show_error,
+)
+from serving.errors import ConfigError
 
 models_app = typer.Typer(help="Inspect and tune served models.", no_args_is_help=True)
 
@@ -76,3 +89,81 @@ def models_batching(
     if resp.status_code != 200:
         show_error(resp)
     console.print_json(data=resp.json())
+
+
+@models_app.command("import")
+def models_import(
+    uri: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@ALIAS")],
+    as_: Annotated[
+        str | None,
+        typer.Option(
+            "--as",
+            help="NAME/VERSION in the registry (default: the MLflow name, version m<number>).",
+        ),
+    ] = None,
+    registry: Annotated[
+        Path | None,
+        typer.Option(help="Registry folder (default: SERVING_REGISTRY_DIR, else the config's)."),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow server (default: SERVING_MLFLOW_TRACKING_URI, MLFLOW_TRACKING_URI)."
+        ),
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(help="YAML of manifest keys (batching, features, ...) over the tags'."),
+    ] = None,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Trust the registry: unpickle a scikit-learn model to convert it to ONNX.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace another model already at NAME/VERSION.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Import an MLflow model version into the registry: its ONNX or PyTorch artifact
+    (scikit-learn converted to ONNX), inputs and outputs from its signature, manifest
+    keys from its `serving.*` tags. Deploy it like any other version afterwards."""
+    from serving.models.mlflow_source import import_version
+    from serving.settings import load_deployment, read_yaml
+
+    settings = cli_settings(config)
+    name, _, version = (as_ or "").partition("/")
+    if as_ is not None and (not name or "/" in version):
+        fail(f"--as {as_}: write NAME/VERSION (or NAME alone: version m<MLflow number>)")
+    try:
+        root = registry or settings.registry_dir
+        if root is None:
+            root = load_deployment(settings.config).registry if settings.config.is_file() else None
+        overrides = read_yaml(manifest) if manifest is not None else None
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"{manifest}: must hold a mapping of manifest keys")
+        mv = import_version(
+            uri,
+            root or Path("models"),
+            name or None,
+            version or None,
+            overrides,
+            tracking_uri or settings.mlflow_tracking_uri,
+            allow_pickle=allow_pickle,
+            force=force,
+            progress=lambda msg: console.print(escape(msg)),
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+    m = mv.manifest
+    console.print(
+        f"[bold]{m.name}/{m.version}[/]: flavor {m.training.get('flavor')}, runtime "
+        f"{m.runtime}, artifact {m.artifact}"
+    )
+    for kind, specs in (("input", m.inputs), ("output", m.outputs)):
+        for s in specs:
+            cols = f" columns {', '.join(s.columns)}" if s.columns else ""
+            console.print(escape(f"  {kind} {s.name}: {s.dtype} {s.shape}{cols}"))
+    console.print(escape(f"  path {mv.path}"))

@@ -67,7 +67,8 @@ def _print_status(status: dict[str, Any]) -> None:
     if spec:
         steps = ", ".join(f"{s:g}" for s in spec["steps"])
         console.print(
-            f"rollout [bold]{ro['status']}[/] to {spec['to']}: step {ro['step'] + 1}/"
+            f"rollout [bold]{ro['status']}[/] to {spec['to']}{_source(status)}: "
+            f"step {ro['step'] + 1}/"
             f"{len(spec['steps'])} of [{steps}]%, every {spec['interval_s']:g}s; "
             f"max error rate {spec['max_error_rate']:.2%}"
             + (f", max p99 {spec['max_p99_ms']:g} ms" if spec.get("max_p99_ms") else "")
@@ -109,10 +110,25 @@ def _print_status(status: dict[str, Any]) -> None:
     console.print(hist)
 
 
+def _source(status: dict[str, Any]) -> str:
+    """` (from models:/...)` when the rollout's canary was imported from MLflow: its
+    start decision (the latest) records the URI (serving.models.mlflow_source)."""
+    start = next((d for d in status["history"] if d["action"] == "start"), None)
+    source = ((start or {}).get("figures") or {}).get("source")
+    return f" (from {source})" if source else ""
+
+
 @rollout_app.command("start")
 def rollout_start(
     model: Annotated[str, typer.Argument()],
-    to: Annotated[str, typer.Option("--to", help="The canary version.")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="The canary version, or an MLflow model version (models:/NAME@ALIAS, "
+            "models:/NAME/3) that the gateway imports as m<number> first.",
+        ),
+    ],
     steps: Annotated[str, typer.Option(help="Canary weights, percent.")] = "5,25,50,100",
     interval: Annotated[str, typer.Option(help="Analysis interval (60s, 2m).")] = "60s",
     max_error_rate: Annotated[float, typer.Option()] = 0.01,
@@ -121,6 +137,14 @@ def rollout_start(
     sticky_key: Annotated[
         str | None, typer.Option(help="Instance field (user_id) or header:<name>.")
     ] = None,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="--to models:/...: trust the registry with a scikit-learn model (unpickled "
+            "to convert it to ONNX).",
+        ),
+    ] = False,
     url: UrlOpt = None,
 ) -> None:
     """Deploy the canary (stable keeps serving) and start stepping its weight."""
@@ -138,7 +162,11 @@ def rollout_start(
         "min_requests": min_requests,
         "sticky_key": sticky_key,
     }
-    console.print(f"deploying {model} {to} and starting the rollout…")
+    if allow_pickle:
+        body["allow_pickle"] = True
+    mlflow = to.startswith("models:/")
+    what = f"importing {to} (unless present) and deploying it" if mlflow else f"deploying {to}"
+    console.print(f"{what} as {model}'s canary and starting the rollout…")
     _print_status(_rollout(model, url, body))
 
 

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import httpx
 import typer
+from rich.markup import escape
 
 from serving import keys
 from serving.cli.common import ConfigOpt, cli_settings, console, err, fail
@@ -121,6 +122,10 @@ def up(
 
     try:
         dep = load_deployment(settings.config, settings.registry_dir)
+        # Versions with an MLflow `source` into the registry first: the config reads them.
+        from serving.models.mlflow_source import import_sources
+
+        import_sources(dep, settings.mlflow_tracking_uri, lambda m: console.print(escape(m)))
         ensure_token(settings, "feedback")  # the trusted label source's token file
         cfg = deploy.serve_config(
             settings, dep, ensure_token(settings), routed_versions(settings, list(dep.models))
@@ -350,6 +355,9 @@ def config_render(
     settings = cli_settings(config)
     try:
         dep = load_deployment(settings.config, settings.registry_dir)
+        from serving.models.mlflow_source import import_sources
+
+        import_sources(dep, settings.mlflow_tracking_uri, lambda m: err.print(escape(m)))
         if format is RenderFormat.serve:
             doc = deploy.serve_config(settings, dep, None, portable=True)
         else:

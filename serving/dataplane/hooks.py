@@ -127,7 +127,7 @@ class AfterPredict:
                 arm,
                 time.time(),
                 arrays,
-                {s.name: s.columns for s in manifest.inputs},
+                _columns(manifest),
                 result.outputs,
                 timings["total"],
                 bool(degraded),
@@ -148,3 +148,16 @@ class AfterPredict:
                 DriftMonitor(m.drift, m.inputs[0].columns) if m.drift is not None else None
             )
         return self.drift[key]
+
+
+# id(manifest) -> (the manifest, kept so that its id is never reused; its columns).
+_COLUMNS: dict[int, tuple[Manifest, dict[str, list[str] | None]]] = {}
+
+
+def _columns(m: Manifest) -> dict[str, list[str] | None]:
+    """Each input's element names, made once per manifest (manifests are few and never
+    changed)."""
+    hit = _COLUMNS.get(id(m))
+    if hit is None:
+        hit = _COLUMNS[id(m)] = (m, {s.name: s.columns for s in m.inputs})
+    return hit[1]

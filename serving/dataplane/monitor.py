@@ -21,7 +21,14 @@ EVERY_S = 5.0
 
 
 class Accuracy(Protocol):
+    """Accuracy from delayed labels, and where the PSIs go for the retraining trigger
+    (serving.observability.feedback.FeedbackStore)."""
+
     async def accuracy(self, model: str, version: str) -> dict[str, float | None]: ...
+
+    async def publish_psi(
+        self, model: str, version: str, features: dict[str, float], rows: int
+    ) -> None: ...
 
 
 class Monitor:
@@ -95,6 +102,8 @@ class Monitor:
             features, prediction = drift.psi()
             for name, value in features.items():
                 m.feature_psi.set(value, tags={"model": model, "version": version, "feature": name})
+            if self._accuracy is not None and features:
+                await self._accuracy.publish_psi(model, version, features, drift.rows)
             if prediction is not None:
                 m.prediction_psi.set(prediction, tags={"model": model, "version": version})
         if self._accuracy is not None:

@@ -62,7 +62,7 @@ def _candidates(seed: int) -> dict[str, tuple[Any, str]]:
     }
 
 
-def _to_onnx(model: Any, n_features: int) -> onnx.ModelProto:
+def export_onnx(model: Any, n_features: int) -> onnx.ModelProto:
     """Convert with one float32 input `features` [None, F]; outputs `label`, `probabilities`."""
     onx: onnx.ModelProto = to_onnx(
         model,
@@ -78,7 +78,7 @@ def _to_onnx(model: Any, n_features: int) -> onnx.ModelProto:
     return onx
 
 
-def _onnx_predict(
+def onnx_predict(
     onx: onnx.ModelProto, x: npt.NDArray[np.float32]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     sess = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -86,9 +86,9 @@ def _onnx_predict(
     return np.asarray(label), np.asarray(proba)
 
 
-def _check_onnx(onx: onnx.ModelProto, model: Any, x: npt.NDArray[np.float32]) -> None:
+def check_onnx(onx: onnx.ModelProto, model: Any, x: npt.NDArray[np.float32]) -> None:
     """The exported graph must reproduce sklearn's predict_proba and predict."""
-    label, proba = _onnx_predict(onx, x)
+    label, proba = onnx_predict(onx, x)
     ref = model.predict_proba(x)
     gap = float(np.abs(proba - ref).max())
     if proba.shape != ref.shape or gap > ONNX_TOLERANCE:
@@ -99,13 +99,27 @@ def _check_onnx(onx: onnx.ModelProto, model: Any, x: npt.NDArray[np.float32]) ->
         raise RuntimeError("ONNX labels differ from sklearn's")
 
 
-def _metrics(y: npt.NDArray[np.int64], label: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+def heldout_metrics(
+    y: npt.NDArray[np.int64], label: np.ndarray, proba: np.ndarray
+) -> dict[str, float]:
     return {
         "roc_auc": round(float(roc_auc_score(y, proba[:, 1])), 6),
         "average_precision": round(float(average_precision_score(y, proba[:, 1])), 6),
         "accuracy": round(float(accuracy_score(y, label)), 6),
         "fraud_rate": round(float(y.mean()), 6),
     }
+
+
+def drift_reference(
+    columns: list[str], x: npt.NDArray[np.float32], proba: np.ndarray
+) -> DriftReference:
+    """Drift references from training data: each input column, and the fraud probability."""
+    return DriftReference(
+        features={c: RefHistogram.from_values(x[:, j]) for j, c in enumerate(columns)},
+        prediction=PredictionRef(
+            output="probabilities", index=1, **RefHistogram.from_values(proba[:, 1]).model_dump()
+        ),
+    )
 
 
 def build(root: Path, seed: int = 7) -> None:
@@ -122,22 +136,13 @@ def build(root: Path, seed: int = 7) -> None:
     built: dict[str, tuple[onnx.ModelProto, Manifest]] = {}
     for version, (model, description) in _candidates(seed).items():
         model.fit(x_train, y_train)
-        onx = _to_onnx(model, n_features)
-        _check_onnx(onx, model, x_test)
+        onx = export_onnx(model, n_features)
+        check_onnx(onx, model, x_test)
         # Metrics come from the exported artifact, i.e. what will actually be served.
-        metrics = _metrics(y_test, *_onnx_predict(onx, x_test))
+        metrics = heldout_metrics(y_test, *onnx_predict(onx, x_test))
         # Drift references: each input column and the fraud probability on training data.
-        _, train_proba = _onnx_predict(onx, x_train)
-        drift = DriftReference(
-            features={
-                c: RefHistogram.from_values(x_train[:, j]) for j, c in enumerate(fraud_data.COLUMNS)
-            },
-            prediction=PredictionRef(
-                output="probabilities",
-                index=1,
-                **RefHistogram.from_values(train_proba[:, 1]).model_dump(),
-            ),
-        )
+        _, train_proba = onnx_predict(onx, x_train)
+        drift = drift_reference(fraud_data.COLUMNS, x_train, train_proba)
         estimator = model.steps[-1][1] if isinstance(model, Pipeline) else model
         manifest = Manifest(
             name=NAME,

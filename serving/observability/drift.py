@@ -146,6 +146,11 @@ class DriftMonitor:
         self._next = (self._next + rows) % self.window
         self._seen += rows
 
+    @property
+    def rows(self) -> int:
+        """Rows in the window now (what the PSIs are computed over)."""
+        return min(self._seen + self._pending_rows, self.window)
+
     def psi(self) -> tuple[dict[str, float], float | None]:
         """PSI per feature and for the predictions over the rows in the window."""
         self._fold()

@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -50,9 +50,18 @@ LABEL_TIMEOUT_S = 2.0  # a feedback request's Redis work, all of it
 MAX_PENDING = 50_000  # buffered records (~40 s at 1,300 req/s); beyond, new ones dropped
 
 
+class LabelLog(Protocol):
+    """The durable log's label side (serving.quality.predlog.PredictionLog)."""
+
+    def label(self, request_id: str, labels: list[Any], ts: float) -> None: ...
+
+
 class FeedbackStore:
-    def __init__(self, redis_url: str, namespace: str, ttl_s: float) -> None:
+    def __init__(
+        self, redis_url: str, namespace: str, ttl_s: float, log: LabelLog | None = None
+    ) -> None:
         self._url = redis_url
+        self._log = log
         self._ns = namespace
         self._ttl_s = int(ttl_s)
         self._client: aioredis.Redis | None = None
@@ -62,6 +71,7 @@ class FeedbackStore:
         self._sending = 0  # records taken by a write whose outcome is not known yet
         self._failing = False  # the last write failed (logged once per outage)
         self._task: asyncio.Task[None] | None = None
+        self._replica_id: str | None = None  # the field this replica's PSIs go under
         self.dropped = 0
 
     def _redis(self) -> aioredis.Redis:
@@ -205,6 +215,8 @@ class FeedbackStore:
                 continue
             correct = sum(int(p == lab) for p, lab in zip(pred, labels))
             updates.append((rid, record["model"], record["version"], len(pred), correct))
+            if self._log is not None:  # the label as it was counted, once
+                self._log.label(rid, labels, time.time())
             results.append(
                 {"request_id": rid, "duplicate": False, "correct": correct, "instances": len(pred)}
             )
@@ -237,20 +249,45 @@ class FeedbackStore:
         """Accuracy over each rolling window (None while no label arrived)."""
         now = int(time.time() // 60) * 60
         longest = max(ACCURACY_WINDOWS.values())
-        minutes = list(range(now - longest + 60, now + 60, 60))
-        pipe = self._redis().pipeline(transaction=False)
-        for m in minutes:
-            pipe.hmget(keys.accuracy(self._ns, model, version, m), ["n", "c"])
-        rows = await pipe.execute()
+        counts = await minute_counts(self._redis(), self._ns, model, version, now - longest, now)
         out: dict[str, float | None] = {}
         for name, span in ACCURACY_WINDOWS.items():
-            n = c = 0
-            for m, (rn, rc) in zip(minutes, rows):
-                if m > now - span:
-                    n += int(rn or 0)
-                    c += int(rc or 0)
+            n = sum(cn for m, cn, _ in counts if m > now - span)
+            c = sum(cc for m, _, cc in counts if m > now - span)
             out[name] = c / n if n else None
         return out
+
+    async def publish_psi(
+        self, model: str, version: str, features: dict[str, float], rows: int
+    ) -> None:
+        """This replica's latest feature PSIs of a version, for the retraining trigger
+        (serving.quality.retrain): one field per replica, the key expiring unless
+        refreshed. Best effort: a Redis error only skips this round."""
+        if self._replica_id is None:
+            self._replica_id = os.urandom(8).hex()
+        key = keys.psi(self._ns, model, version)
+        doc = json.dumps({"ts": time.time(), "features": features, "rows": rows})
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                pipe = self._redis().pipeline(transaction=False)
+                pipe.hset(key, self._replica_id, doc)
+                pipe.expire(key, keys.PSI_TTL_S)
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError):
+            pass
+
+
+async def minute_counts(
+    r: aioredis.Redis, ns: str, model: str, version: str, after: float, until: float
+) -> list[tuple[int, int, int]]:
+    """(minute, labelled, correct) of each accuracy minute bucket in (after, until]."""
+    first = int(after // 60) * 60 + 60
+    minutes = list(range(first, int(until // 60) * 60 + 60, 60))
+    pipe = r.pipeline(transaction=False)
+    for m in minutes:
+        pipe.hmget(keys.accuracy(ns, model, version, m), ["n", "c"])
+    rows = await pipe.execute()
+    return [(m, int(n or 0), int(c or 0)) for m, (n, c) in zip(minutes, rows)]
 
 
 def _record(key: str, doc: str, ttl: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

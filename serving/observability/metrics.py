@@ -132,9 +132,25 @@ class Metrics:
         )
         self.dropped_rows = BufferedCounter(
             "serving_dropped_rows_total",
-            description="Prediction records and rollout statistics dropped because Redis "
-            "stayed unreachable longer than this replica's buffer for them holds.",
+            description="Rows dropped: prediction records and rollout statistics (Redis "
+            "unreachable longer than the buffer holds), prediction and label log rows "
+            "(PostgreSQL: buffer full, or rows refused).",
             tag_keys=("kind",),
+        )
+        self.retrain_triggers = Counter(
+            "serving_retrain_triggers_total",
+            description="Retraining triggered, by reason (accuracy, drift, manual).",
+            tag_keys=("model", "reason"),
+        )
+        self.retrains = Counter(
+            "serving_retrains_total",
+            description="Retraining runs finished, by outcome (registered, failed, timed_out).",
+            tag_keys=("model", "outcome"),
+        )
+        self.retrain_running = Gauge(
+            "serving_retrain_running",
+            description="1 while a retraining command of the model runs.",
+            tag_keys=("model",),
         )
         self.batch_size = BufferedHistogram(
             "serving_batch_size",

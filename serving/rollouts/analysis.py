@@ -31,6 +31,10 @@ class RolloutSpec(BaseModel):
     # accuracy may trail stable's by at most this much.
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
     min_labels: int = Field(default=50, ge=1)
+    # Hold each step until both arms have `min_labels` labels (a canary is judged on
+    # accuracy, never promoted on latency and errors alone): what a retrained version's
+    # rollout wants.
+    require_labels: bool = False
     sticky_key: str | None = None
 
     @field_validator("steps")
@@ -79,11 +83,13 @@ def analyze(spec: RolloutSpec, step: int, canary: ArmStats, stable: ArmStats) ->
             f"canary p99 {canary.p99_ms():.0f} ms > max {spec.max_p99_ms:.0f} ms "
             f"(stable {stable.p99_ms():.0f} ms)"
         )
-    if (
-        spec.max_accuracy_drop is not None
-        and canary.labeled >= spec.min_labels
-        and stable.labeled >= spec.min_labels
-    ):
+    labelled = canary.labeled >= spec.min_labels and stable.labeled >= spec.min_labels
+    if spec.require_labels and not labelled:
+        return "hold", (
+            f"waiting for {spec.min_labels} labels per arm "
+            f"(canary {canary.labeled}, stable {stable.labeled})"
+        )
+    if spec.max_accuracy_drop is not None and labelled:
         c_acc, s_acc = canary.accuracy or 0.0, stable.accuracy or 0.0
         if c_acc < s_acc - spec.max_accuracy_drop:
             return "rollback", (

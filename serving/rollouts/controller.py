@@ -189,8 +189,11 @@ class RolloutController(RolloutView):
 
     async def _start(self, model: str, body: dict[str, Any]) -> None:
         table = self._table(model)
+        # `source`: the MLflow URI the canary was imported from (serving.app), recorded
+        # in the decision so that status and history show both.
+        source = body.get("source")
         try:
-            spec = RolloutSpec.model_validate(body)
+            spec = RolloutSpec.model_validate({k: v for k, v in body.items() if k != "source"})
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         state = await self._state(model)
@@ -219,8 +222,10 @@ class RolloutController(RolloutView):
             self._decision(
                 "start",
                 "admin",
-                f"canary {spec.to} deployed; {spec.steps[0]:g}% of traffic",
+                f"canary {spec.to}{f' ({source})' if source else ''} deployed; "
+                f"{spec.steps[0]:g}% of traffic",
                 spec.steps[0],
+                {"source": source} if source else None,
             ),
         )
 
@@ -402,3 +407,16 @@ class RolloutController(RolloutView):
                         state,
                         self._decision("hold", "auto", reason, table.canary_weight, figures),
                     )
+
+    # ---- what the retraining trigger asks (serving.quality.retrain.Host) ----------------
+    async def leading(self) -> bool:
+        return await self._leader()
+
+    async def rollout_active(self, model: str) -> bool:
+        return (await self._state(model)).status in ("running", "paused")
+
+    def stable_version(self, model: str) -> str:
+        return self._table(model).stable
+
+    async def start_rollout(self, model: str, body: dict[str, Any]) -> None:
+        await self.run(model, "start", body)

@@ -26,6 +26,9 @@ class Rollouts(Protocol):
 
     async def status(self, model: str) -> dict[str, Any]: ...
 
+    async def retrain(self, model: str, action: str) -> Any:
+        """Retraining (serving.quality.retrain): `status`, `history` or `run`."""
+
 
 class BatchingUpdate(BaseModel):
     max_batch_size: int | None = None
@@ -78,6 +81,29 @@ def build_router(
             raise MalformedRequest("body must be an object with an 'action'", field="action")
         action = body.pop("action")
         return json_response(await available("rollouts", rollouts).run(name, action, body))
+
+    @router.get("/admin/v1/models/{name}/retrain")
+    async def retrain_status(name: str, request: Request) -> Response:
+        """The model's retrain policy, its latest run and the cool-down left."""
+        check(request)
+        plane.catalog.resolve(name, None)
+        return json_response(await available("rollouts", rollouts).retrain(name, "status"))
+
+    @router.get("/admin/v1/models/{name}/retrain/history")
+    async def retrain_history(name: str, request: Request) -> Response:
+        """Past retraining runs, newest first: reason, outcome, output tail, rollout."""
+        check(request)
+        plane.catalog.resolve(name, None)
+        runs = await available("rollouts", rollouts).retrain(name, "history")
+        return json_response({"model": name, "runs": runs})
+
+    @router.post("/admin/v1/models/{name}/retrain")
+    async def retrain_run(name: str, request: Request) -> Response:
+        """Retrain now with the model's policy (the cool-down does not apply; a run or
+        rollout in progress, or the cap on runs at once, is a 409)."""
+        check(request)
+        plane.catalog.resolve(name, None)
+        return json_response(await available("rollouts", rollouts).retrain(name, "run"))
 
     @router.get("/admin/v1/models/{name}/versions/{version}/batching")
     async def get_batching(name: str, version: str, request: Request) -> Response:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import RedisServer, free_port
+from tests.conftest import PostgresServer, RedisServer, free_port
 
 __all__ = ["FEEDBACK_TOKEN", "TOKEN", "GatewayUnderTest", "free_port"]
 TOKEN = "e2e-admin-token"
@@ -36,6 +36,7 @@ class GatewayUnderTest:
     readiness_log: list[tuple[int, Any]] = field(default_factory=list)
     metrics_port: int = 0
     grpc_target: str = ""  # host:port of the gateway's gRPC (Open Inference Protocol)
+    log_dsn: str = ""  # the prediction log (a database of the tests' own PostgreSQL)
 
     def admin(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"}
@@ -82,6 +83,9 @@ def _registry_copy(src: Path, dst: Path) -> Path:
     build_rollout_model(dst / "digits" / "v1", dst / "rollme")
     _copy_version(dst / "digits" / "v1", dst / "digits" / "v1fused")
     _copy_version(dst / "digits" / "v1", dst / "killme" / "v1")
+    # The model-quality loop's two models (tests/e2e/test_quality_loop.py).
+    for name in ("fraudloop", "fraudbad"):
+        _copy_version(dst / "fraud" / "v2", dst / name / "v1")
     scaleme = dst / "scaleme" / "v1"
     scaleme.mkdir(parents=True)
     shutil.copy(dst / "rollme" / "v4slow" / "model.pt", scaleme / "model.pt")
@@ -90,6 +94,36 @@ def _registry_copy(src: Path, dst: Path) -> Path:
         yaml.safe_dump({**manifest, "name": "scaleme", "version": "v1"})
     )
     return dst
+
+
+def quality_loop_model(extra: list[str] | None = None, **triggers: Any) -> dict[str, Any]:
+    """A fraud v2 copy whose retrain policy trains the demo's model from the log (the
+    labelled, drifted traffic the loop test sends) and canaries the result, judged on
+    accuracy from labels. Tight timings: the whole loop must fit in minutes."""
+    command = [
+        "{python}", "-m", "models.train_fraud", "--from-log", "{log_dsn}", "--base", "{base}",
+        "--since", "{since}", "--out", "{output}", "--min-rows", "300", *(extra or []),
+    ]  # fmt: skip
+    return {
+        "default": "v1",
+        "versions": {"v1": {"placement": "fused"}},
+        "retrain": {
+            "command": command,
+            "timeout_s": 180,
+            "check_every_s": 2,
+            "data_since_s": 3600,
+            **triggers,
+            "rollout": {
+                "steps": [50, 100],
+                "interval_s": 3,
+                "min_requests": 20,
+                "max_error_rate": 0.05,
+                "max_accuracy_drop": 0.05,
+                "min_labels": 30,
+                "require_labels": True,
+            },
+        },
+    }
 
 
 def _copy_version(src: Path, dst: Path) -> None:
@@ -173,6 +207,7 @@ def gateway(
     ray_serve: RayServe,
     registry_root: Path,
     redis_server: RedisServer,
+    postgres_server: PostgresServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> GatewayUnderTest:
     from serving import deploy
@@ -229,6 +264,13 @@ def gateway(
                     },
                     # Two replicas: one is killed under load, and no request may fail.
                     "killme": {"default": "v1", "versions": {"v1": {"num_replicas": 2}}},
+                    # Copies of fraud v2 that retrain themselves from the prediction log:
+                    # on accuracy (fraudloop) and on drift, with a deliberately worse
+                    # command (fraudbad).
+                    "fraudloop": quality_loop_model(accuracy={"drop": 0.1, "min_labels": 300}),
+                    "fraudbad": quality_loop_model(
+                        ["--invert-labels"], drift={"psi": 0.2, "for_s": 5}
+                    ),
                 },
             }
         )
@@ -239,6 +281,7 @@ def gateway(
         ray_proxy_port=ray_serve.proxy_port,
         admin_token=TOKEN,
         feedback_token=FEEDBACK_TOKEN,
+        log_dsn=postgres_server.create_database("e2e_log"),
         grpc_port=free_port(),
         redis_url=redis_server.url,
         # Generous for a loaded 2-core CI machine; the fault test checks the bound.
@@ -259,6 +302,7 @@ def gateway(
         TOKEN,
         registry,
         redis_server,
+        log_dsn=settings.log_dsn or "",
         metrics_port=ray_serve.metrics_port,
         grpc_target=settings.grpc_target(),
     )

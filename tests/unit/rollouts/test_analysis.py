@@ -51,3 +51,25 @@ def test_steps_must_increase() -> None:
         RolloutSpec(to="v2", steps=[50, 5])
     with pytest.raises(ValueError):
         RolloutSpec(to="v2", steps=[0, 50])
+
+
+def _labelled(n: int, labeled: int, correct: int) -> ArmStats:
+    s = arm(n)
+    s.labeled, s.correct = labeled, correct
+    return s
+
+
+def test_a_canary_that_must_be_judged_on_labels_holds_until_they_come() -> None:
+    spec = RolloutSpec(
+        to="r1", steps=[50, 100], min_requests=20, max_accuracy_drop=0.05, min_labels=40,
+        require_labels=True,
+    )  # fmt: skip
+    action, reason = analyze(spec, 0, _labelled(100, 39, 39), _labelled(100, 500, 300))
+    assert action == "hold" and "waiting for 40 labels per arm (canary 39" in reason
+    # Without require_labels the same figures advance on errors and latency alone.
+    lax = spec.model_copy(update={"require_labels": False})
+    assert analyze(lax, 0, _labelled(100, 39, 0), _labelled(100, 500, 300))[0] == "advance"
+    # Labelled: better than stable advances, far worse rolls back.
+    assert analyze(spec, 0, _labelled(100, 40, 38), _labelled(100, 500, 300))[0] == "advance"
+    action, reason = analyze(spec, 1, _labelled(100, 40, 4), _labelled(100, 500, 300))
+    assert action == "rollback" and "canary accuracy 10.00% < stable 60.00%" in reason
