@@ -281,7 +281,12 @@ class RolloutControl:
         self._batching_lock = asyncio.Lock()
         # Retraining policies, acted on while this replica leads the analysis.
         self._retrainer = Retrainer(
-            redis_conn.client(s.redis_url), s.redis_namespace, self._dep, self._ctl, s.log_dsn
+            redis_conn.client(s.redis_url),
+            s.redis_namespace,
+            self._dep,
+            self._ctl,
+            s.log_dsn,
+            s.mlflow_tracking_uri,
         )
         await self._retrainer.ensure_started()
 

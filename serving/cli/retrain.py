@@ -41,6 +41,8 @@ def _run_line(run: dict[str, Any]) -> str:
     ]
     if run.get("error"):
         parts.append(f"error: {run['error']}")
+    if run.get("registered_as"):
+        parts.append(f"registered as {run['registered_as']}")
     if run.get("rollout"):
         parts.append(f"rollout: {run['rollout']}")
     return "\n  ".join(escape(p) for p in parts)

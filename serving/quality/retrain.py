@@ -21,13 +21,11 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -38,18 +36,25 @@ from pydantic import BaseModel
 from serving import keys
 from serving.background import every
 from serving.errors import ConfigError, Conflict, InvalidInput, ServingError
+from serving.models.mlflow_register import register
 from serving.models.registry import Registry, load_version
 from serving.observability.feedback import minute_counts
 from serving.observability.metrics import metrics
-from serving.quality.policy import AccuracyTrigger, DriftTrigger, RetrainPolicy
+from serving.quality.policy import (
+    AccuracyTrigger,
+    DriftTrigger,
+    RetrainPolicy,
+    accuracy_reason,
+    command_line,
+    next_version,
+    worst_psi,
+)
 from serving.settings import DeploymentFile
 
 log = logging.getLogger(__name__)
 
 HISTORY_MAX = 50  # runs kept per model
 OUTPUT_TAIL = 4000  # characters of the command's output kept with the run
-PSI_FRESH_S = 30.0  # a replica's published PSIs older than this are ignored
-MIN_PSI_ROWS = 500  # PSIs over fewer rows in a replica's window are too noisy to act on
 
 Status = Literal["running", "registered", "failed", "timed_out", "interrupted"]
 
@@ -67,6 +72,7 @@ class RetrainRun(BaseModel):
     output: str = ""  # the tail of the command's output
     error: str = ""
     rollout: str = ""  # what became of the canary rollout's start
+    registered_as: str = ""  # the MLflow model version (register: mlflow)
     owner: str = ""  # the controller process running it
 
 
@@ -82,65 +88,6 @@ class Host(Protocol):
     async def start_rollout(self, model: str, body: dict[str, Any]) -> None: ...
 
 
-# ---- triggers (pure) ---------------------------------------------------------------------
-def accuracy_reason(
-    policy: AccuracyTrigger,
-    window: list[tuple[int, int, int]],
-    reference: float | None,
-    reference_what: str,
-) -> str | None:
-    """Why accuracy calls for retraining, or None. `window`: (minute, labelled, correct)
-    buckets of the last `window_s`."""
-    n = sum(b[1] for b in window)
-    c = sum(b[2] for b in window)
-    if reference is None or n < policy.min_labels:
-        return None
-    acc = c / n
-    if acc >= reference - policy.drop:
-        return None
-    return (
-        f"accuracy {acc:.1%} over the last {policy.window_s:g}s ({n} labels) is "
-        f"{reference - acc:.1%} below the {reference_what} {reference:.1%} "
-        f"(allowed {policy.drop:.1%})"
-    )
-
-
-def worst_psi(published: Mapping[Any, Any], now: float) -> tuple[str, float] | None:
-    """The highest feature PSI any replica published lately (over enough rows)."""
-    worst: tuple[str, float] | None = None
-    for doc in published.values():
-        entry = json.loads(doc)
-        if now - entry["ts"] > PSI_FRESH_S or entry.get("rows", 0) < MIN_PSI_ROWS:
-            continue
-        for name, value in entry["features"].items():
-            if worst is None or value > worst[1]:
-                worst = (name, float(value))
-    return worst
-
-
-def next_version(existing: list[str], prefix: str) -> str:
-    """`<prefix><n>`, one past the highest such version already in the registry."""
-    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)$")
-    taken = [int(m.group(1)) for v in existing if (m := pattern.match(v))]
-    return f"{prefix}{max(taken, default=0) + 1}"
-
-
-def command_line(policy: RetrainPolicy, values: dict[str, str]) -> list[str]:
-    """The policy's command with its placeholders filled; an unknown or unset one is a
-    ConfigError naming it."""
-    out = []
-    for arg in policy.command:
-        try:
-            out.append(arg.format_map(values))
-        except KeyError as exc:
-            raise ConfigError(
-                f"retrain command: unknown placeholder {{{exc.args[0]}}} in {arg!r}"
-            ) from None
-        except (ValueError, IndexError) as exc:
-            raise ConfigError(f"retrain command: cannot fill {arg!r}: {exc}") from None
-    return out
-
-
 # ---- the retrainer ---------------------------------------------------------------------
 class Retrainer:
     def __init__(
@@ -150,12 +97,14 @@ class Retrainer:
         dep: DeploymentFile,
         host: Host,
         log_dsn: str | None,
+        mlflow_tracking_uri: str | None = None,
     ) -> None:
         self._r = redis
         self._ns = namespace
         self._dep = dep
         self._host = host
         self._log_dsn = log_dsn
+        self._mlflow_uri = mlflow_tracking_uri
         self._id = uuid.uuid4().hex[:12]
         self._policies = {m: c.retrain for m, c in dep.models.items() if c.retrain is not None}
         self._next_check: dict[str, float] = {}
@@ -391,11 +340,25 @@ class Retrainer:
             )
             return
         try:
-            load_version(output)
+            made = load_version(output)
         except ConfigError as exc:
             _discard(output)
             await self._finish(run, "failed", error=f"no valid version made: {exc}", code=0)
             return
+        if policy.register_to == "mlflow":
+            try:
+                run.registered_as = await asyncio.to_thread(
+                    register,
+                    made,
+                    policy.mlflow_name or run.model,
+                    policy.mlflow_alias,
+                    self._mlflow_uri,
+                    {"retrain.reason": run.reason[:500]},
+                )
+            except ConfigError as exc:
+                _discard(output)
+                await self._finish(run, "failed", error=f"MLflow: {exc}", code=0)
+                return
         try:
             await self._host.start_rollout(run.model, {"to": run.version, **policy.rollout})
             run.rollout = "canary started"

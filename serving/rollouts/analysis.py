@@ -62,13 +62,25 @@ class RolloutState(BaseModel):
     stable: str | None = None
     step: int = 0  # index into spec.steps
     window_start: float = 0.0  # figures are taken since the last decision
+    # Stable's accuracy in the last window where it had min_labels: what a canary at
+    # 100 % (stable takes no traffic then) is compared with.
+    stable_accuracy: float | None = None
 
 
 # ---- analysis (pure) -------------------------------------------------------------------
-def analyze(spec: RolloutSpec, step: int, canary: ArmStats, stable: ArmStats) -> tuple[Action, str]:
+def analyze(
+    spec: RolloutSpec,
+    step: int,
+    canary: ArmStats,
+    stable: ArmStats,
+    stable_accuracy: float | None = None,
+) -> tuple[Action, str]:
     """Advance, hold or roll back, with the reason. No decision before min_requests on
-    each arm; failed checks roll back; passing the last step completes."""
-    if canary.n < spec.min_requests or stable.n < spec.min_requests:
+    each arm; failed checks roll back; passing the last step completes. At a 100 % step
+    stable serves nothing: the canary is judged alone, its accuracy against
+    `stable_accuracy` (stable's in an earlier window) when known."""
+    alone = spec.steps[step] >= 100
+    if canary.n < spec.min_requests or (not alone and stable.n < spec.min_requests):
         return "hold", (
             f"waiting for {spec.min_requests} requests per arm "
             f"(canary {canary.n}, stable {stable.n})"
@@ -83,14 +95,15 @@ def analyze(spec: RolloutSpec, step: int, canary: ArmStats, stable: ArmStats) ->
             f"canary p99 {canary.p99_ms():.0f} ms > max {spec.max_p99_ms:.0f} ms "
             f"(stable {stable.p99_ms():.0f} ms)"
         )
-    labelled = canary.labeled >= spec.min_labels and stable.labeled >= spec.min_labels
+    labelled = canary.labeled >= spec.min_labels and (alone or stable.labeled >= spec.min_labels)
     if spec.require_labels and not labelled:
         return "hold", (
             f"waiting for {spec.min_labels} labels per arm "
             f"(canary {canary.labeled}, stable {stable.labeled})"
         )
-    if spec.max_accuracy_drop is not None and labelled:
-        c_acc, s_acc = canary.accuracy or 0.0, stable.accuracy or 0.0
+    s_acc = stable_accuracy if alone else stable.accuracy
+    if spec.max_accuracy_drop is not None and labelled and s_acc is not None:
+        c_acc = canary.accuracy or 0.0
         if c_acc < s_acc - spec.max_accuracy_drop:
             return "rollback", (
                 f"canary accuracy {c_acc:.2%} < stable {s_acc:.2%} - "

@@ -382,7 +382,9 @@ class RolloutController(RolloutView):
                 return
             canary = await self.stats.window(model, table.canary, state.window_start, now)
             stable = await self.stats.window(model, table.stable, state.window_start, now)
-            action, reason = analyze(state.spec, state.step, canary, stable)
+            action, reason = analyze(state.spec, state.step, canary, stable, state.stable_accuracy)
+            if stable.labeled >= state.spec.min_labels:
+                state.stable_accuracy = stable.accuracy
             figures = {"canary": canary.summary(), "stable": stable.summary()}
             if action == "rollback":
                 await self.rollback(model, "auto", reason, figures)

@@ -257,7 +257,9 @@ def gateway(
                     "digits": {
                         "default": "v1",
                         "versions": {
-                            "v1": {"warmup": {"iterations": 3, "min_seconds": 6}},
+                            # Long enough to outlast the ingress's own start-up (its
+                            # fused versions warm first) on a loaded 2-core machine.
+                            "v1": {"warmup": {"iterations": 3, "min_seconds": 15}},
                             "v1fused": {"placement": "fused"},
                             "v2": {"placement": "fused"},
                         },

@@ -46,7 +46,7 @@ def test_readyz_said_503_naming_the_warming_version_before_200(gateway: GatewayU
     assert codes[-1] == 200
     not_ready = [b for c, b in gateway.readiness_log if c == 503]
     assert not_ready, f"never saw 503 before ready: {gateway.readiness_log}"
-    # digits v1 warms for at least 6 s: some 503 names it (others may finish later).
+    # digits v1 warms for at least 15 s: some 503 names it (others may finish later).
     assert any("digits/v1" in body["waiting_for"] for body in not_ready)
     assert codes.index(503) < codes.index(200)
 

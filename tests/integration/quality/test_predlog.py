@@ -23,7 +23,13 @@ from serving.quality.predlog import PredictionLog
 from tests.conftest import PostgresServer, free_port
 
 COLUMNS = ["amount", "hour", "user_stats.txn_count_30d"]
-NOW = time.time()
+NOW = time.time()  # each test's "now" (reset before each: windows like --since 15m)
+
+
+@pytest.fixture(autouse=True)
+def _now() -> None:
+    global NOW
+    NOW = time.time()
 
 
 def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
@@ -32,7 +38,7 @@ def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
 
 
 def _predict(
-    log: PredictionLog, rid: str, labels: list[int], version: str = "v2", ts: float = NOW
+    log: PredictionLog, rid: str, labels: list[int], version: str = "v2", ts: float | None = None
 ) -> None:
     n = len(labels)
     x = np.arange(n * 3, dtype=np.float32).reshape(n, 3) + 0.5
@@ -41,7 +47,7 @@ def _predict(
         "fraud",
         version,
         "canary" if version == "v3" else "stable",
-        ts,
+        NOW if ts is None else ts,
         {"features": x},
         {"features": COLUMNS},
         {"label": np.array(labels, np.int64), "probabilities": np.full((n, 2), 0.5, np.float32)},

@@ -18,10 +18,12 @@ import redis.asyncio as aioredis
 import yaml
 
 from serving.errors import Conflict, InvalidInput
+from serving.models.mlflow_source import import_version
+from serving.models.registry import load_version
 from serving.observability.feedback import FeedbackStore
 from serving.quality.retrain import Retrainer
 from serving.settings import DeploymentFile
-from tests.conftest import RedisServer
+from tests.conftest import MlflowServer, RedisServer
 
 # Copies the base version to the output folder under the new name (a "training").
 COPY = (
@@ -212,3 +214,41 @@ async def test_a_command_needing_the_log_without_one_fails_clearly(
 async def _done(rt: Retrainer) -> bool:
     last = (await rt.status("m"))["last"]
     return last is not None and last["status"] != "running"
+
+
+async def test_a_retrained_version_can_be_registered_in_mlflow_and_imported_back(
+    redis_server: RedisServer,
+    registry_root: Path,
+    tmp_path: Path,
+    ns: str,
+    mlflow_server: MlflowServer,
+) -> None:
+    reg = _registry(registry_root, tmp_path)
+    name = f"retrained-{uuid.uuid4().hex[:8]}"
+    dep = _dep(
+        reg,
+        ["{python}", "-c", COPY, "{base}", "{output}"],
+        register_to="mlflow",
+        mlflow_name=name,
+    )
+    ctl = Controller()
+    r = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    rt = Retrainer(r, ns, dep, ctl, None, mlflow_server.url)
+    try:
+        await rt.run("m", "drill")
+        await _until(lambda: _done(rt), 60.0)
+        (run,) = await rt.history("m")
+        assert run["status"] == "registered", run
+        assert run["registered_as"] == f"models:/{name}/1" and ctl.started
+    finally:
+        await rt.close()
+        await r.aclose()
+    # The alias names it; importing it back gives the same model and serving keys.
+    back = import_version(
+        f"models:/{name}@challenger", tmp_path / "back", "m", "r1", tracking_uri=mlflow_server.url
+    )
+    made = load_version(reg / "m" / "r1")
+    assert back.manifest.features == made.manifest.features
+    assert back.manifest.inputs == made.manifest.inputs
+    assert back.artifact_path.read_bytes() == made.artifact_path.read_bytes()
+    assert back.manifest.training["source"] == f"models:/{name}@challenger"

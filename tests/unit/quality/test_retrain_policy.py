@@ -8,9 +8,10 @@ import pytest
 from pydantic import ValidationError
 
 from serving.errors import ConfigError
-from serving.quality.policy import AccuracyTrigger, RetrainPolicy
-from serving.quality.retrain import (
+from serving.quality.policy import (
     MIN_PSI_ROWS,
+    AccuracyTrigger,
+    RetrainPolicy,
     accuracy_reason,
     command_line,
     next_version,

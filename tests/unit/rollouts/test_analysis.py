@@ -71,5 +71,23 @@ def test_a_canary_that_must_be_judged_on_labels_holds_until_they_come() -> None:
     assert analyze(lax, 0, _labelled(100, 39, 0), _labelled(100, 500, 300))[0] == "advance"
     # Labelled: better than stable advances, far worse rolls back.
     assert analyze(spec, 0, _labelled(100, 40, 38), _labelled(100, 500, 300))[0] == "advance"
-    action, reason = analyze(spec, 1, _labelled(100, 40, 4), _labelled(100, 500, 300))
+    action, reason = analyze(spec, 0, _labelled(100, 40, 4), _labelled(100, 500, 300))
     assert action == "rollback" and "canary accuracy 10.00% < stable 60.00%" in reason
+
+
+def test_at_100_percent_the_canary_is_judged_alone_against_stables_earlier_accuracy() -> None:
+    """Stable serves nothing at a 100 % step: waiting for its requests would hold the
+    rollout for ever (with little traffic); its accuracy from before stands in."""
+    spec = RolloutSpec(
+        to="r1", steps=[50, 100], min_requests=20, max_accuracy_drop=0.05, min_labels=30,
+        require_labels=True,
+    )  # fmt: skip
+    idle = ArmStats()
+    assert analyze(spec, 1, _labelled(100, 40, 38), idle, 0.6)[0] == "complete"
+    assert analyze(spec, 1, _labelled(100, 29, 29), idle, 0.6)[0] == "hold"
+    action, reason = analyze(spec, 1, _labelled(100, 40, 4), idle, 0.6)
+    assert action == "rollback" and "stable 60.00%" in reason
+    # Without an earlier figure, only errors and latency decide.
+    assert analyze(spec, 1, _labelled(100, 40, 4), idle, None)[0] == "complete"
+    # Below 100 %, stable must still show up.
+    assert analyze(spec, 0, _labelled(100, 40, 38), idle, 0.6)[0] == "hold"
