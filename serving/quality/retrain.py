@@ -109,6 +109,7 @@ class Retrainer:
         self._policies = {m: c.retrain for m, c in dep.models.items() if c.retrain is not None}
         self._next_check: dict[str, float] = {}
         self._drift_since: dict[str, float] = {}
+        self._recorded: dict[tuple[str, str], float | None] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -204,12 +205,11 @@ class Retrainer:
         self, model: str, stable: str, policy: AccuracyTrigger, now: float
     ) -> str | None:
         window = await minute_counts(self._r, self._ns, model, stable, now - policy.window_s, now)
+        if sum(b[1] for b in window) < policy.min_labels:
+            return None  # before reading any reference
         if policy.reference == "training":
-            try:
-                recorded = Registry(self._dep.registry).get(model, stable).manifest.metrics
-            except ConfigError:
-                return None
-            reference, what = recorded.get("accuracy"), f"training accuracy of {stable}"
+            reference = await self._training_accuracy(model, stable)
+            what = f"training accuracy of {stable}"
         else:
             earlier = await minute_counts(
                 self._r,
@@ -223,6 +223,18 @@ class Retrainer:
             reference = c / n if n >= policy.min_labels else None
             what = f"accuracy of {stable} in the {policy.reference_window_s:g}s before"
         return accuracy_reason(policy, window, reference, what)
+
+    async def _training_accuracy(self, model: str, version: str) -> float | None:
+        """The held-out accuracy a version's manifest recorded, read once (parsing a
+        manifest costs tens of ms; a version's manifest never changes)."""
+        key = (model, version)
+        if key not in self._recorded:
+            try:
+                mv = await asyncio.to_thread(Registry(self._dep.registry).get, model, version)
+            except ConfigError:
+                return None
+            self._recorded[key] = mv.manifest.metrics.get("accuracy")
+        return self._recorded[key]
 
     async def _drift(self, model: str, stable: str, policy: DriftTrigger, now: float) -> str | None:
         worst = worst_psi(await self._r.hgetall(keys.psi(self._ns, model, stable)), now)
