@@ -25,6 +25,8 @@ import redis
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parent.parent
+# The CLI as a user runs it, from this checkout's environment.
+SERVING = [sys.executable, "-m", "serving.cli"]
 REGISTRY = ROOT / "models"
 LAYERS = ("integration", "e2e")
 
@@ -304,3 +306,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     server.start()
     yield server
     server.stop()
+
+
+def run_serving(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """One `serving` command in the project folder; wide output so lines stay whole."""
+    return subprocess.run(
+        [*SERVING, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        cwd=ROOT,
+    )

@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,23 +17,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import RedisServer
+from tests.conftest import ROOT, SERVING, RedisServer
+from tests.conftest import run_serving as run
 from tests.e2e.conftest import TOKEN, GatewayUnderTest, free_port
 from tests.e2e.test_gateway import records
-
-SERVING = [sys.executable, "-m", "serving.cli"]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*SERVING, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-        cwd=ROOT,
-    )
 
 
 def test_cli_predict_and_models_list(gateway: GatewayUnderTest, tmp_path: Path) -> None:

@@ -6,9 +6,6 @@ the gateway's runtime and compared with the original model."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +23,7 @@ from serving.models.registry import load_version
 from serving.models.runtimes import RuntimeOptions, load_runtime
 from serving.settings import DeploymentFile
 from tests.conftest import ROOT, MlflowServer, Touch, free_port
-
-SERVING = [str(Path(sys.executable).with_name("serving"))]
+from tests.conftest import run_serving as run_cli
 
 
 class TinyNet(torch.nn.Module):  # type: ignore[misc]
@@ -416,17 +412,6 @@ def test_a_version_name_never_follows_a_moved_alias(logged: Logged, tmp_path: Pa
     with pytest.raises(ConfigError, match=r"version 1\).*an alias that moved needs a new one"):
         import_version("models:/it-fraud-sk@moving", tmp_path, "fraud", "v5", None, url)
     assert load_version(tmp_path / "fraud" / "v5").manifest.training["mlflow_version"] == "1"
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*SERVING, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-        cwd=ROOT,
-    )
 
 
 def test_the_cli_imports_and_says_what(logged: Logged, tmp_path: Path) -> None:
