@@ -103,42 +103,64 @@ def test_past_the_limit_a_request_is_refused_and_waiting_ones_count_as_full() ->
     assert a.limit == 2 and a.total == 1 and a.inflight == {"m": 0, "n": 1}
 
 
-def _probes(a: Admission, lags_s: list[float], busy: bool = True) -> None:
+class _Clock:
+    """Wall and loop-thread CPU time as the test says they pass: a real busy loop on a
+    loaded machine gets less than LOOP_BUSY of a CPU and would look starved."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 1000.0
+
+    def monotonic(self) -> float:
+        return self.wall
+
+    def thread_time(self) -> float:
+        return self.cpu
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    c = _Clock()
+    monkeypatch.setattr(admission, "time", c)
+    return c
+
+
+def _probes(a: Admission, clock: _Clock, lags_s: list[float], busy: bool = True) -> None:
     """One interval's probes, the loop's thread running (busy) or waiting through it;
     the first probe after it is when it is judged."""
     for lag in lags_s:
         a.observe_lag(lag)
-    end = time.monotonic() + 0.005  # well past the (patched) 1 ms interval
-    while time.monotonic() < end:
-        if not busy:
-            time.sleep(0.005)
+    clock.wall += 0.005  # well past the (patched) 1 ms interval
+    if busy:
+        clock.cpu += 0.005
     a.observe_lag(lags_s[-1])
 
 
-def test_a_loop_late_at_every_probe_cuts_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_loop_late_at_every_probe_cuts_the_limit(
+    monkeypatch: pytest.MonkeyPatch, clock: _Clock
+) -> None:
     monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
     a = Admission(512, target_queue_s=0.020, target_lag_s=0.005)
     a.enter("m")  # something in flight: the lateness is the requests' doing
-    _probes(a, [0.0])  # starts an interval
-    _probes(a, [0.010] * 6)  # twice the target at every probe: half off (the most)
+    _probes(a, clock, [0.0])  # starts an interval
+    _probes(a, clock, [0.010] * 6)  # twice the target at every probe: half off (the most)
     assert a.limit == pytest.approx(0.5 * START_LIMIT, rel=1e-3)
-    _probes(a, [0.0055] * 6)  # just past it: a tenth off
+    _probes(a, clock, [0.0055] * 6)  # just past it: a tenth off
     assert a.limit == pytest.approx(0.45 * START_LIMIT, rel=1e-3)
 
 
 def test_a_timely_probe_an_idle_or_starved_loop_or_few_probes_cut_nothing(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, clock: _Clock
 ) -> None:
     monkeypatch.setattr(admission, "INTERVAL_S", 0.001)
     a = Admission(512, target_lag_s=0.005)
-    _probes(a, [0.0])
-    _probes(a, [0.050] * 6)  # late, but nothing in flight: nothing to refuse
+    _probes(a, clock, [0.0])
+    _probes(a, clock, [0.050] * 6)  # late, but nothing in flight: nothing to refuse
     a.enter("m")
-    _probes(a, [0.0] + [0.050] * 5)  # one probe on time: no standing backlog
-    _probes(a, [0.050] * 2)  # too few probes to say
-    _probes(a, [0.050] * 6, busy=False)  # late while the thread waited: starved, not busy
+    _probes(a, clock, [0.0] + [0.050] * 5)  # one probe on time: no standing backlog
+    _probes(a, clock, [0.050] * 2)  # too few probes to say
+    _probes(a, clock, [0.050] * 6, busy=False)  # late while the thread waited: starved, not busy
     assert a.limit == START_LIMIT
-    _probes(a, [0.050] * 6)  # the same, busy: cut
+    _probes(a, clock, [0.050] * 6)  # the same, busy: cut
     assert a.limit < START_LIMIT
 
 
