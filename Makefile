@@ -52,7 +52,7 @@ podman:
 	    apt-get install -y -qq --no-install-recommends podman runc debootstrap fuse-overlayfs slirp4netns uidmap >/dev/null; }
 
 test: models prometheus haproxy podman
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=25 tests
 
 # The fuzz tests with many more examples, randomized (make test runs them derandomized).
 fuzz: models

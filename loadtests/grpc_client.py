@@ -6,10 +6,12 @@ the answer undecoded: the generator only needs the status and the `server-timing
 trailing metadata. One channel, i.e. one HTTP/2 connection multiplexing every call, as
 gRPC clients do.
 
-Calls go through the synchronous channel's `future()` API, completed into the
-generator's event loop by a done-callback: grpc.aio costs ~0.8 ms of client CPU per call
-(measured; the report shows it), which on a 2-core machine is taken from the system
-under test. The future API does the same RPC on gRPC's own C-core threads for a fraction.
+This is the `--grpc-client grpcio` choice (what most users' clients are); the default is
+the lean client in `h2_client.py`. Calls go through the synchronous channel's `future()`
+API, completed into the generator's event loop by a done-callback: grpc.aio costs ~0.8 ms
+of client CPU per call (measured; the report shows it), which on a 2-core machine is
+taken from the system under test. The future API does the same RPC on gRPC's own
+C-core threads for a fraction.
 """
 
 from __future__ import annotations
@@ -25,6 +27,38 @@ from loadtests.loadgen import Reply, now
 from loadtests.scenarios import Scenario
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def flag(scenario: Scenario) -> bytes | None:
+    """The parameters map of a degraded answer holds the key "degraded"."""
+    return b"degraded" if scenario.flag else None
+
+
+async def messages(channel: grpc.Channel, model: str, bodies: list[bytes]) -> list[bytes]:
+    """Each JSON body as a serialized ModelInferRequest for `model` (or `model/version`),
+    its tensors shaped from the model's metadata, asked of the server once."""
+    from serving.cli import oip_client
+    from serving.proto import grpc_predict_v2_pb2 as pb
+    from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+    from serving.transport import oip
+
+    model, _, version = model.partition("/")
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    meta = await asyncio.to_thread(
+        stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version), timeout=30
+    )
+    inputs: list[dict[str, Any]] = [
+        {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs
+    ]
+    out = []
+    for body in bodies:
+        tensors = oip_client.to_tensors(inputs, orjson.loads(body)["instances"])
+        req = pb.ModelInferRequest(model_name=model, model_version=version)
+        for name, datatype, arr in tensors:
+            req.inputs.add(name=name, datatype=datatype, shape=arr.shape)
+            req.raw_input_contents.append(oip.encode_raw(arr))
+        out.append(req.SerializeToString())
+    return out
 
 
 def _identity(x: bytes) -> bytes:
@@ -49,30 +83,9 @@ class GrpcClient:
     async def create(
         cls, host: str, port: int, model: str, scenario: Scenario, bodies: list[bytes]
     ) -> GrpcClient:
-        from serving.cli import oip_client
-        from serving.proto import grpc_predict_v2_pb2 as pb
-        from serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-        from serving.transport import oip
-
-        model, _, version = model.partition("/")
         channel = grpc.insecure_channel(f"{host}:{port}")
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        meta = await asyncio.to_thread(
-            stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version), timeout=30
-        )
-        inputs: list[dict[str, Any]] = [
-            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs
-        ]
-        requests = []
-        for body in bodies:
-            tensors = oip_client.to_tensors(inputs, orjson.loads(body)["instances"])
-            req = pb.ModelInferRequest(model_name=model, model_version=version)
-            for name, datatype, arr in tensors:
-                req.inputs.add(name=name, datatype=datatype, shape=arr.shape)
-                req.raw_input_contents.append(oip.encode_raw(arr))
-            requests.append(req.SerializeToString())
-        # The parameters map of a degraded answer holds the key "degraded".
-        return cls(channel, requests, b"degraded" if scenario.flag else None)
+        requests = await messages(channel, model, bodies)
+        return cls(channel, requests, flag(scenario))
 
     async def call(self, i: int) -> Reply:
         done: asyncio.Future[tuple[Any, float]] = self._loop.create_future()

@@ -489,17 +489,19 @@ def _generator_section(results: dict[str, Any]) -> list[str]:
         "latency then counts from the actual send; a late send counts from its due time);",
         f"- CPU per request over every run of this report (includes idle waits at low "
         f"rates): {overall}.",
-        *_grpc_floor_lines(g.get("grpc")),
+        *_grpc_floor_lines(g.get("grpc"), results["meta"]["plan"].get("grpc_client", "grpcio")),
         "",
     ]
 
 
-def _grpc_floor_lines(floor: dict[str, Any] | None) -> list[str]:
+def _grpc_floor_lines(floor: dict[str, Any] | None, client: str) -> list[str]:
     if not floor:
         return []
     s, c = floor["serial"], floor["closed"]
+    which = {"lean": "the lean client, raw HTTP/2", "grpcio": "grpcio's channel"}
     return [
-        f"- the gRPC client (grpcio's channel, one HTTP/2 connection) against grpcio's "
+        f"- the gRPC client ({which.get(client, client)}, one HTTP/2 connection) against "
+        f"grpcio's "
         f"server answering a fixed message: serial p50 {s['latency_ms']['p50']:.3f} ms, "
         f"p99 {s['latency_ms']['p99']:.3f} ms, {s['client_cpu_us_per_request']:.0f} µs "
         f"client CPU per request; {c['throughput_rps']:.0f} req/s with 8 clients.",

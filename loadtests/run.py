@@ -93,6 +93,9 @@ class Plan:
     # The gateway (HTTP, default placement) also gets an open loop at this many times its
     # capacity (0: none).
     overload_x: float = 3.0
+    # The generator's gRPC client: "lean" (raw HTTP/2, as the HTTP client is raw HTTP/1.1)
+    # or "grpcio" (what most users' clients are; its own cost is ~0.4 ms per call).
+    grpc_client: str = "lean"
 
 
 FULL = Plan(
@@ -130,6 +133,7 @@ class Options:
     ray_env: dict[str, str] = field(default_factory=dict)
     slo_ms: float = 50.0
     log_dsn: str | None = None  # the gateway's prediction log (None: off)
+    grpc_client: str = "lean"
 
 
 class Progress:
@@ -630,13 +634,14 @@ def _floors(generator: dict[str, Any] | None) -> tuple[float, float] | None:
 
 
 def _grpc_floor(plan: Plan, progress: Progress, w: Worker) -> dict[str, Any]:
-    """The gRPC client against the cheapest gRPC server (loadtests.floor --grpc)."""
+    """The gRPC client (plan.grpc_client) against the cheapest gRPC server
+    (loadtests.floor --grpc)."""
     import grpc
 
     port = free_port()
     args = [sys.executable, "-m", "loadtests.floor", "--grpc", "--port", str(port)]
     target = {"op": "load", "kind": "grpc", "host": "127.0.0.1", "port": port,
-              "path": "digits", "scenario": "digits"}  # fmt: skip
+              "path": "digits", "scenario": "digits", "grpc_client": plan.grpc_client}  # fmt: skip
     with child(args, "gRPC floor server"), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         grpc.channel_ready_future(ch).result(timeout=60)
         s = w.call({**target, "mode": "serial", "n": plan.floor_serial_n, "warmup": 50})
@@ -805,7 +810,13 @@ def run(opts: Options) -> dict[str, Any]:
     way out, whatever happened. A partial report is written when the run is cut short."""
     from loadtests import report
 
-    plan = Plan(**{**asdict(QUICK if opts.quick else FULL), "slo_ms": opts.slo_ms})
+    plan = Plan(
+        **{
+            **asdict(QUICK if opts.quick else FULL),
+            "slo_ms": opts.slo_ms,
+            "grpc_client": opts.grpc_client,
+        }
+    )
     progress = Progress()
     cuda = _cuda_device()
     scenarios = [_as_runnable_here(SCENARIOS[n], cuda) for n in opts.scenarios]
@@ -919,6 +930,7 @@ def _measure_system(
     target = {
         "op": "load",
         "kind": "grpc" if system.endswith("grpc") else "http",
+        "grpc_client": plan.grpc_client,
         "host": "127.0.0.1",
         "port": ports[PORT_OF.get(system, system)],
         "path": path,

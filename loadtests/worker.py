@@ -5,7 +5,8 @@ nothing else competes for its interpreter, and so its CPU time is its own. Comma
   {"op": "load", "kind": "http"|"grpc", "mode": "serial"|"open"|"closed", "host",
    "port", "path" (gRPC: the model name), "scenario", then "n", "warmup" (serial) |
    "rate", "duration_s", "warmup_s" (open) | "concurrency", "duration_s", "warmup_s"
-   (closed); optional "timing": keep Server-Timing}
+   (closed); optional "timing": keep Server-Timing, "grpc_client": "lean" (default)
+   or "grpcio"}
   {"op": "ceiling", "scenario", "seconds_per_size", optional "registry"}
   {"op": "quit"}
 """
@@ -32,9 +33,19 @@ async def make_client(cmd: dict[str, Any]) -> loadgen.Client:
     bodies = _bodies[scenario.name]
     host, port, path = cmd["host"], int(cmd["port"]), cmd["path"]
     if cmd.get("kind", "http") == "grpc":
-        from loadtests.grpc_client import GrpcClient
+        from loadtests import grpc_client
 
-        return await GrpcClient.create(host, port, path, scenario, bodies)
+        if cmd.get("grpc_client", "lean") == "grpcio":
+            return await grpc_client.GrpcClient.create(host, port, path, scenario, bodies)
+        import grpc
+
+        from loadtests.h2_client import H2GrpcClient
+
+        with grpc.insecure_channel(f"{host}:{port}") as channel:  # for the metadata only
+            msgs = await grpc_client.messages(channel, path, bodies)
+        return await H2GrpcClient.open(
+            host, port, grpc_client.METHOD, msgs, grpc_client.flag(scenario)
+        )
     requests = [loadgen.http_request(host, port, path, b) for b in bodies]
     return loadgen.HttpClient(
         host, port, requests, flag=scenario.flag, max_connections=cmd.get("max_connections", 512)

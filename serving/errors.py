@@ -20,8 +20,13 @@ class ServingError(Exception):
     code: str = "internal"
     retry_after_s: int | None = None  # HTTP answers carry `Retry-After` when set
 
-    def http_headers(self) -> dict[str, str] | None:
-        return None if self.retry_after_s is None else {"retry-after": str(self.retry_after_s)}
+    def http_headers(self) -> dict[str, str]:
+        """Every HTTP error answer names its code in a header (clients and load
+        balancers need not parse the body, whose format differs between v1 and v2)."""
+        out = {"x-serving-error-code": self.code}
+        if self.retry_after_s is not None:
+            out["retry-after"] = str(self.retry_after_s)
+        return out
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)

@@ -47,6 +47,7 @@ def headers(body: bytes, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"1"),
+        (b"x-serving-error-code", b"overloaded"),
         (_REQUEST_ID, rid),
     ]
 

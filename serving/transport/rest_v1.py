@@ -211,6 +211,7 @@ async def readiness(plane: DataPlane) -> Response:
                 "error": {"code": "not_ready", "message": message},
             },
             503,
+            {"x-serving-error-code": "not_ready"},
         )
     return json_response({"status": "ready", "versions": [f"{m}/{v}" for m, v in ready]})
 

@@ -29,7 +29,6 @@ from serving.transport.errors import to_http
 from serving.transport.http import FastRoutes, json_response, parse_json, read_body
 
 HEADER_LENGTH = "inference-header-content-length"
-ERROR_CODE_HEADER = "x-serving-error-code"
 INFER = "/v2/models/{name}/infer"
 INFER_VERSION = "/v2/models/{name}/versions/{version}/infer"
 _ORJSON = orjson.OPT_SERIALIZE_NUMPY
@@ -37,10 +36,9 @@ _ORJSON = orjson.OPT_SERIALIZE_NUMPY
 
 def error_response(request: Request, exc: Exception) -> Response:
     """The protocol's error format, `{"error": "<message>"}`, for any failure (logged
-    when unexpected); our code goes in a header."""
+    when unexpected); our code goes in a header (as on every error answer)."""
     err = to_http(exc, http.request_id(request), f"{request.method} {request.url.path}")
-    headers = {ERROR_CODE_HEADER: err.code, **(err.http_headers() or {})}
-    return json_response({"error": err.message}, err.http_status, headers)
+    return json_response({"error": err.message}, err.http_status, err.http_headers())
 
 
 class _V2Route(APIRoute):

@@ -11,6 +11,7 @@ The figures of the node-loss test are printed and written to
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -30,7 +31,7 @@ import numpy as np
 import pytest
 import yaml
 
-from loadtests.loadgen import HttpClient, RunResult, http_request, open_loop, percentile
+from loadtests.loadgen import HttpClient, Reply, RunResult, http_request, open_loop, percentile
 from tests.conftest import free_port
 from tests.e2e.cluster import VENV_BIN, Hosts, Node, can_make_hosts, ray_start
 
@@ -258,6 +259,24 @@ backend doors
 """
 
 
+class _Noting:
+    """An HTTP client that counts its failures by the gateway's error code (haproxy's own
+    refusals carry none)."""
+
+    def __init__(self, inner: HttpClient) -> None:
+        self.inner = inner
+        self.codes: collections.Counter[str] = collections.Counter()
+
+    async def call(self, i: int) -> Reply:
+        reply = await self.inner.call(i)
+        if not reply.ok:
+            self.codes[f"{reply.status} {(reply.timing or b'-').decode()}"] += 1
+        return reply
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def test_losing_a_worker_node_under_load(cluster: Cluster, tmp_path: Path) -> None:
     """Open loop, 100 req/s, over haproxy in front of both doors; SIGKILL every process
     of worker w2 (its raylet, its ingress and model replicas), start it again after
@@ -282,10 +301,14 @@ def test_losing_a_worker_node_under_load(cluster: Cluster, tmp_path: Path) -> No
         body = json.dumps({"instances": cluster.image}).encode()
         request = http_request("127.0.0.1", port, f"/v1/models/{MODEL}:predict", body)
         result: list[RunResult] = []
+        client = _Noting(
+            HttpClient(
+                "127.0.0.1", port, [request], timeout_s=10, keep_header="x-serving-error-code"
+            )
+        )
 
         def load() -> None:
             async def run() -> RunResult:
-                client = HttpClient("127.0.0.1", port, [request], timeout_s=10)
                 return await open_loop(client, rate, duration, drain_s=15)
 
             result.append(asyncio.run(run()))
@@ -340,6 +363,7 @@ def test_losing_a_worker_node_under_load(cluster: Cluster, tmp_path: Path) -> No
             "failed": len(failed),
             "failed_at_s_after_kill": [round(i * interval - kill_rel, 2) for i in failed],
             "statuses": run.statuses,
+            "failures_by_code": dict(client.codes),
             "processes_killed": killed,
             "full_strength_after_s": round(recovered_s, 1),
             "p50_ms_before": round(percentile(before, 50) * 1000, 1),

@@ -263,6 +263,7 @@ def _error(r: httpx.Response, status: int) -> dict[str, str]:
     assert r.status_code == status, r.text
     err: dict[str, str] = r.json()["error"]
     assert err["message"]
+    assert r.headers["x-serving-error-code"] == err["code"]  # every error answer names it
     return err
 
 

@@ -371,6 +371,7 @@ async def test_a_full_replica_refuses_predictions_before_their_handler() -> None
         status, headers, body = await ask("POST", "/v1/models/fraud:predict")
         assert status == b"HTTP/1.1 503 Service Unavailable"
         assert headers[b"retry-after"] == b"1" and headers[b"x-request-id"] == b"mine"
+        assert headers[b"x-serving-error-code"] == b"overloaded"
         assert json.loads(body)["error"]["code"] == "overloaded"
         status, _, body = await ask("POST", "/v2/models/digits/versions/v1/infer?x=1")
         assert status.endswith(b"503 Service Unavailable")

@@ -87,6 +87,7 @@ async def test_requests_past_the_limit_are_shed_at_once(
             shed = await client.post("/v1/models/digits:predict", json={"instances": [IMAGE]})
             assert shed.status_code == 503
             assert shed.headers["retry-after"] == "1"
+            assert shed.headers["x-serving-error-code"] == "overloaded"
             assert shed.json()["error"]["code"] == "overloaded"
             assert "max_ongoing_requests" in shed.json()["error"]["message"]
             assert shed.headers["x-request-id"]
@@ -106,6 +107,7 @@ async def test_requests_past_the_limit_are_shed_at_once(
             )
             assert v2.status_code == 503
             assert v2.headers["retry-after"] == "1"
+            assert v2.headers["x-serving-error-code"] == "overloaded"
             assert "max_ongoing_requests" in v2.json()["error"]
 
             health = await client.get("/healthz")  # health is never shed
