@@ -2,10 +2,11 @@
 fixed answer). What the generator measures against it is the generator's own cost plus
 the loopback; run as `python -m loadtests.floor --port N`.
 
-With `--grpc`, the same for gRPC: grpcio's server (its C core) answering ModelInfer with
-one fixed, pre-serialized answer (and ModelMetadata with digits', which the generator's
-gRPC client asks for first): what the gRPC client and HTTP/2 cost on this machine
-before any server does any work."""
+With `--grpc`, the same for gRPC: the gateway's own gRPC server (HTTP/2 framed by
+serving.transport.h2wire, on uvloop; cheaper here than grpcio's C core) answering
+ModelInfer with one fixed, pre-serialized answer (and ModelMetadata with digits', which
+the generator's gRPC client asks for first): what the gRPC client and HTTP/2 cost on
+this machine before any server does any work."""
 
 from __future__ import annotations
 
@@ -75,9 +76,11 @@ async def serve_grpc(port: int) -> None:
     def same(b: bytes) -> bytes:
         return b
 
-    server = grpc.aio.server()
+    from serving.transport.grpc_h2 import H2GrpcServer
+
+    server = H2GrpcServer("127.0.0.1", port, 1 << 20, 4 << 20)
     service = "inference.GRPCInferenceService"
-    server.add_generic_rpc_handlers(
+    server.registry.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
                 service,
@@ -94,9 +97,8 @@ async def serve_grpc(port: int) -> None:
             ),
         )
     )
-    server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    await server.wait_for_termination()
+    await asyncio.Event().wait()
 
 
 def main() -> None:
@@ -104,16 +106,13 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--grpc", action="store_true", help="a gRPC floor server instead")
     args = p.parse_args()
-    port = args.port
-    if args.grpc:
-        asyncio.run(serve_grpc(port))
-        return
+    coro = serve_grpc(args.port) if args.grpc else serve(args.port)
     try:
         import uvloop
-
-        uvloop.run(serve(port))
     except ImportError:
-        asyncio.run(serve(port))
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
 
 
 if __name__ == "__main__":
