@@ -501,7 +501,8 @@ def _grpc_floor_lines(floor: dict[str, Any] | None, client: str) -> list[str]:
     which = {"lean": "the lean client, raw HTTP/2", "grpcio": "grpcio's channel"}
     return [
         f"- the gRPC client ({which.get(client, client)}, one HTTP/2 connection) against "
-        f"the gateway's own gRPC server (h2wire) answering a fixed message: serial p50 {s['latency_ms']['p50']:.3f} ms, "
+        f"the gateway's own gRPC server (h2wire) answering a fixed message: "
+        f"serial p50 {s['latency_ms']['p50']:.3f} ms, "
         f"p99 {s['latency_ms']['p99']:.3f} ms, {s['client_cpu_us_per_request']:.0f} µs "
         f"client CPU per request; {c['throughput_rps']:.0f} req/s with 8 clients.",
     ]
