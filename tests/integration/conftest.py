@@ -1,4 +1,4 @@
-"""Integration fixtures: a redis-server of a test's own."""
+"""Integration fixtures: a redis-server of a test's own; the two gRPC servers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import RedisServer
+from tests.integration.transport.grpc_servers import running  # noqa: F401  (a fixture)
 
 
 @pytest.fixture

@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 
 import pytest
 
 from loadtests.h2_client import H2Error, H2GrpcClient
 from serving.proto import grpc_predict_v2_pb2 as pb
-from tests.integration.transport.test_grpc_h2 import LIMIT, Running
+from tests.integration.transport.grpc_servers import LIMIT, Running
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
-
-
-@pytest.fixture(params=["h2", "grpcio"])
-def server(request: pytest.FixtureRequest) -> Iterator[Running]:
-    r = Running(request.param)
-    yield r
-    r.call(r.server.stop(0.5))
-    r.loop.call_soon_threadsafe(r.loop.stop)
 
 
 def _message(model: str, answer_bytes: int = 0, send_bytes: int = 0) -> bytes:
@@ -33,10 +24,10 @@ def _message(model: str, answer_bytes: int = 0, send_bytes: int = 0) -> bytes:
     return req.SerializeToString()
 
 
-def test_many_calls_at_once_and_large_messages_both_ways(server: Running) -> None:
+def test_many_calls_at_once_and_large_messages_both_ways(running: Running) -> None:
     async def run() -> None:
         msgs = [_message("m", 10), _message("m", 300_000), _message("m", 0, 200_000)]
-        client = await H2GrpcClient.open("127.0.0.1", server.port, METHOD, msgs, b"xxxxxxxxxx")
+        client = await H2GrpcClient.open("127.0.0.1", running.port, METHOD, msgs, b"xxxxxxxxxx")
         try:
             # Rounds of as many calls as the servers allow in flight (LIMIT), past their
             # windows (64 KiB by default, 1 MiB on ours) both sending (200 kB requests)
@@ -53,10 +44,10 @@ def test_many_calls_at_once_and_large_messages_both_ways(server: Running) -> Non
     asyncio.run(run())
 
 
-def test_status_codes_and_the_clients_timeout(server: Running) -> None:
+def test_status_codes_and_the_clients_timeout(running: Running) -> None:
     async def run() -> None:
         msgs = [_message("missing"), _message("slow")]
-        client = await H2GrpcClient.open("127.0.0.1", server.port, METHOD, msgs, None)
+        client = await H2GrpcClient.open("127.0.0.1", running.port, METHOD, msgs, None)
         try:
             missing = await client.call(0)
             assert not missing.ok and missing.status == 5  # NOT_FOUND, trailers only
@@ -71,12 +62,14 @@ def test_status_codes_and_the_clients_timeout(server: Running) -> None:
     asyncio.run(run())
 
 
-def test_a_server_that_goes_away_fails_the_calls_in_flight(server: Running) -> None:
+def test_a_server_that_goes_away_fails_the_calls_in_flight(running: Running) -> None:
     async def run() -> None:
-        client = await H2GrpcClient.open("127.0.0.1", server.port, METHOD, [_message("slow")], None)
+        client = await H2GrpcClient.open(
+            "127.0.0.1", running.port, METHOD, [_message("slow")], None
+        )
         pending = asyncio.ensure_future(client.call(0))
         await asyncio.sleep(0.1)
-        await asyncio.to_thread(server.call, server.server.stop(0.0))
+        await asyncio.to_thread(running.call, running.server.stop(0.0))
         # Cancelled by the server (grpcio's answers CANCELLED), or cut off.
         with contextlib.suppress(H2Error, ConnectionError):
             assert not (await asyncio.wait_for(pending, 5)).ok
