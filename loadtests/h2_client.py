@@ -25,6 +25,7 @@ import hpack
 
 from loadtests.loadgen import Reply, now
 from serving.transport import h2wire as w
+from serving.transport.grpc_h2 import message as grpc_message
 
 
 def header_blocks(authority: str, path: str) -> tuple[bytes, bytes]:
@@ -65,7 +66,7 @@ class H2GrpcClient(asyncio.Protocol):
 
     def __init__(self, messages: list[bytes], path: str, authority: str, flag: bytes | None):
         self._loop = asyncio.get_running_loop()
-        self._bodies = [b"\x00" + len(m).to_bytes(4, "big") + m for m in messages]  # gRPC
+        self._bodies = [grpc_message(m) for m in messages]
         self._first_block, self._block = header_blocks(authority, path)
         self._flag = flag
         self._reader = w.FrameReader(w.MAX_WINDOW)  # we accept any frame size the server
@@ -114,13 +115,7 @@ class H2GrpcClient(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.abort()
             return
-        self._write()
-
-    def _write(self) -> None:
-        out = self._flow.out
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(out))
-        out.clear()
+        self._flow.flush(self._transport)
 
     # ---- calls ------------------------------------------------------------------------
     async def call(self, i: int) -> Reply:
@@ -140,7 +135,7 @@ class H2GrpcClient(asyncio.Protocol):
         self._flow.out.append(w.frame(w.HEADERS, w.END_HEADERS, stream, block + stamp))
         self._flow.open(stream)
         self._flow.send(stream, self._bodies[i % len(self._bodies)], end_stream=True)
-        self._write()
+        self._flow.flush(self._transport)
         return await call.fut
 
     async def aclose(self) -> None:

@@ -11,6 +11,9 @@ from typing import Any
 
 import grpc
 
+# Every HTTP error answer names its code here (ServingError.http_headers).
+ERROR_CODE_HEADER = "x-serving-error-code"
+
 
 class ServingError(Exception):
     """Base class: a message safe to show to clients, plus where it applies."""
@@ -23,7 +26,7 @@ class ServingError(Exception):
     def http_headers(self) -> dict[str, str]:
         """Every HTTP error answer names its code in a header (clients and load
         balancers need not parse the body, whose format differs between v1 and v2)."""
-        out = {"x-serving-error-code": self.code}
+        out = {ERROR_CODE_HEADER: self.code}
         if self.retry_after_s is not None:
             out["retry-after"] = str(self.retry_after_s)
         return out

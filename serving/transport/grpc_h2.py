@@ -273,7 +273,7 @@ class _Connection(asyncio.Protocol):
         try:
             self._headers(sid)
             async for response in handler.stream_stream(requests(), stream.context):
-                self._send(sid, _frame(handler.response_serializer(response)))
+                self._send(sid, message(handler.response_serializer(response)))
                 self._flush()
         except Abort as exc:
             self._finish(sid, exc.code, exc.details, exc.trailing, headers_sent=True)
@@ -295,7 +295,7 @@ class _Connection(asyncio.Protocol):
             return  # reset by the client meanwhile
         self._headers(sid)
         for body in bodies:
-            self._send(sid, _frame(body))
+            self._send(sid, message(body))
         self._finish(sid, grpc.StatusCode.OK, "", trailing, headers_sent=True)
 
     def _finish(
@@ -348,9 +348,7 @@ class _Connection(asyncio.Protocol):
         self._flow.send(sid, data)
 
     def _flush(self) -> None:
-        if self._out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(self._out))
-        self._out.clear()
+        self._flow.flush(self._transport)
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -375,7 +373,8 @@ def _metadata_value(name: bytes, value: bytes) -> Any:
     return value.decode("utf-8", "surrogateescape")
 
 
-def _frame(body: bytes) -> bytes:
+def message(body: bytes) -> bytes:
+    """A gRPC length-prefixed message, uncompressed."""
     return struct.pack(">BI", 0, len(body)) + body
 
 

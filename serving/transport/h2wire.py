@@ -13,6 +13,7 @@ and cost no table work on either side.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
 from typing import cast
@@ -212,6 +213,13 @@ class Flow:
         self._pending: dict[int, tuple[bytearray, bool, bytes]] = {}
         self._used = 0
         self._used_streams: dict[int, int] = {}
+
+    def flush(self, transport: asyncio.WriteTransport | None) -> None:
+        """Write what collected in `out`, in one write (dropped once the connection
+        is closing)."""
+        if self.out and transport is not None and not transport.is_closing():
+            transport.write(b"".join(self.out))
+        self.out.clear()
 
     def open(self, stream: int) -> None:
         self._windows[stream] = self._initial

@@ -11,10 +11,12 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from serving.errors import ERROR_CODE_HEADER, Overloaded
 from serving.transport.context import REQUEST_ID, new_request_id, usable_request_id
 from serving.transport.http import WRITE
 
 _REQUEST_ID = REQUEST_ID.encode()
+_ERROR_CODE, _OVERLOADED = ERROR_CODE_HEADER.encode(), Overloaded.code.encode()
 
 
 class Waiting(Protocol):
@@ -47,7 +49,7 @@ def headers(body: bytes, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"1"),
-        (b"x-serving-error-code", b"overloaded"),
+        (_ERROR_CODE, _OVERLOADED),
         (_REQUEST_ID, rid),
     ]
 

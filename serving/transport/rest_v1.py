@@ -16,7 +16,13 @@ from pydantic import BaseModel, Field
 
 from serving.auth import bearer_ok
 from serving.dataplane import DataPlane, Prediction
-from serving.errors import InvalidInput, MalformedRequest, ServingError, Unauthenticated
+from serving.errors import (
+    InvalidInput,
+    MalformedRequest,
+    NotReady,
+    ServingError,
+    Unauthenticated,
+)
 from serving.models.registry import TensorSpec
 from serving.settings import Settings
 from serving.transport import http
@@ -203,15 +209,11 @@ async def readiness(plane: DataPlane) -> Response:
     ready = await plane.monitor.readiness()
     waiting = [f"{m}/{v}" for (m, v), ok in ready.items() if not ok]
     if waiting:
-        message = "not warmed up yet: " + ", ".join(waiting)
+        err = NotReady("not warmed up yet: " + ", ".join(waiting))
         return json_response(
-            {
-                "status": "not_ready",
-                "waiting_for": waiting,
-                "error": {"code": "not_ready", "message": message},
-            },
-            503,
-            {"x-serving-error-code": "not_ready"},
+            {"status": "not_ready", "waiting_for": waiting, **err.to_dict()},
+            err.http_status,
+            err.http_headers(),
         )
     return json_response({"status": "ready", "versions": [f"{m}/{v}" for m, v in ready]})
 
